@@ -1,0 +1,169 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore.
+
+Every YAML in conf/ names one of these schemas in its defaults list, so an unknown key or a wrongly typed
+value fails when Hydra composes the config, with Hydra's own message, before anything is loaded.
+Method schemas carry the method's hyperparameters under the same names as the method function's keywords.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class MergeSelection:
+    include: List[str] = field(default_factory=list)  # regexes (re.search); empty = every tensor
+    exclude: List[str] = field(default_factory=list)  # regexes; an excluded tensor keeps the base value
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = MISSING  # qwen2_vl | internvl | internvl_chat | llava (see families.py)
+    finetune: str = "full"  # full | lora: selects method presets (OptMerge's variant, scaling)
+    base: str = MISSING  # local directory or hub id
+    experts: Dict[str, str] = field(default_factory=dict)  # capability -> dir, hub id or PEFT adapter dir
+    merge: MergeSelection = field(default_factory=MergeSelection)
+    files_from: str = "base"  # "base" or an expert's key: where tokenizer/processor/chat template come from
+    dtype: str = "bfloat16"  # dtype the evaluator loads the model in
+    revision: Optional[str] = None  # hub revision for every hub id of this model
+
+
+# --------------------------------------------------------------------------------------------- methods
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    scaling: float = 1.0  # merged = theta_0 + scaling * tau_m
+
+
+@dataclass
+class WeightAverageConfig(MethodConfig):
+    name: str = "weight_average"
+    scaling: float = 1.0  # fixed: the mean of the experts
+
+
+@dataclass
+class TaskArithmeticConfig(MethodConfig):
+    name: str = "task_arithmetic"
+    scaling: float = 0.3
+
+
+@dataclass
+class TiesConfig(MethodConfig):
+    name: str = "ties"
+    scaling: float = 1.0
+    density: float = 0.2
+
+
+@dataclass
+class DareTaConfig(MethodConfig):
+    name: str = "dare_ta"
+    scaling: float = 0.3
+    drop_rate: float = 0.2
+
+
+@dataclass
+class DareTiesConfig(MethodConfig):
+    name: str = "dare_ties"
+    scaling: float = 1.0
+    drop_rate: float = 0.2
+    density: float = 0.2
+
+
+@dataclass
+class BaseModelConfig(MethodConfig):
+    """Reference row: evaluate the base model unchanged."""
+
+    name: str = "base"
+
+
+@dataclass
+class ExpertModelConfig(MethodConfig):
+    """Reference row: evaluate one expert unchanged (`method.expert=ocr`)."""
+
+    name: str = "expert"
+    expert: str = MISSING
+
+
+# --------------------------------------------------------------------------------------------- suite / evaluator
+@dataclass
+class TaskSpec:
+    name: str = MISSING  # lmms-eval task name
+    category: str = MISSING  # VQA | Geometry | Chart | OCR | Grounding | ...
+    metric: str = MISSING  # the headline metric key in lmms-eval's results
+    label: Optional[str] = None  # column name in tables (defaults to name)
+
+
+@dataclass
+class SuiteConfig:
+    name: str = MISSING
+    tasks: List[TaskSpec] = field(default_factory=list)
+    include_path: Optional[str] = None  # extra directory of lmms-eval task YAMLs
+
+
+@dataclass
+class EvaluatorConfig:
+    name: str = "none"  # none | lmms_eval | vllm
+    limit: Optional[int] = None  # evaluate the first N samples of each task
+    batch_size: int = 1
+    backend: Optional[str] = None  # lmms-eval model backend; None = chosen from the model's family
+    model_args: Dict[str, Any] = field(default_factory=dict)  # extra backend arguments
+    max_new_tokens: Optional[int] = None
+    # vLLM only
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.8
+    max_pixels: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "mmbench-merge"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled (WANDB_MODE in the environment wins)
+    tags: List[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- top level
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    method: MethodConfig = MISSING
+    suite: SuiteConfig = MISSING
+    evaluator: EvaluatorConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    save_merged: bool = False  # write the merged checkpoint to <run dir>/merged/
+    rerun: bool = False  # run again even if this run directory already holds results for the same config
+    shard_size_mb: int = 2000  # merged checkpoints are written in shards of at most this size
+
+
+METHOD_SCHEMAS: Dict[str, type] = {
+    "weight_average": WeightAverageConfig,
+    "task_arithmetic": TaskArithmeticConfig,
+    "ties": TiesConfig,
+    "dare_ta": DareTaConfig,
+    "dare_ties": DareTiesConfig,
+    "base": BaseModelConfig,
+    "expert": ExpertModelConfig,
+}
+
+
+def register_configs() -> None:
+    """Register every schema; conf/*.yaml refer to them as `<group>/<name>_schema` in their defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="suite", name="suite_schema", node=SuiteConfig)
+    cs.store(group="evaluator", name="evaluator_schema", node=EvaluatorConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for name, schema in METHOD_SCHEMAS.items():
+        cs.store(group="method", name=f"{name}_schema", node=schema)

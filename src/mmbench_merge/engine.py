@@ -1,0 +1,315 @@
+"""The streaming merge loop: one tensor name at a time, for every method.
+
+For each tensor of the base, in file order: load the base tensor and each expert's, form the task vectors in
+float32 on the chosen device, apply the method, and emit theta_0 + scaling * tau_m in the base dtype. Tensors
+that the include/exclude patterns do not select are emitted bit-identical from the base. Peak memory is
+(experts + 2) tensors of the largest size plus a fixed overhead, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+from . import MergeError
+from .checkpoints import LoraAdapter, SafetensorsCheckpoint, is_adapter_dir, resolve
+from .families import Family, attribute_names
+
+if TYPE_CHECKING:
+    import torch
+
+
+# ------------------------------------------------------------------------------------------ selection
+@dataclass(frozen=True)
+class Selection:
+    """Which tensors are merged: matched by any include pattern (all if none) and by no exclude pattern."""
+
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+
+    def __post_init__(self):
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise MergeError(f"model.merge: bad regex {pattern!r} ({exc})") from None
+
+    def selects(self, name: str) -> bool:
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+# ------------------------------------------------------------------------------------------ experts
+class Expert:
+    """One expert as a source of task vectors: full weights (theta_i - theta_0) or a LoRA adapter (scale B A)."""
+
+    def __init__(self, key: str, path: Path, base: SafetensorsCheckpoint, family: Family):
+        self.key = key
+        self.path = path
+        if is_adapter_dir(path):
+            self.adapter: LoraAdapter | None = LoraAdapter(path, base, attribute_names(family, base.path, base.keys()))
+            self.weights: SafetensorsCheckpoint | None = None
+        else:
+            self.adapter = None
+            self.weights = SafetensorsCheckpoint(path)
+            _check_same_layout(base, self.weights)
+
+    @property
+    def kind(self) -> str:
+        return "lora_adapter" if self.adapter else "full"
+
+    def task_vector(self, name: str, base_value: "torch.Tensor", device) -> "torch.Tensor":
+        if self.adapter is not None:
+            delta = self.adapter.delta(name, device)
+            return delta if delta is not None else torch_zeros_like(base_value)
+        return self.weights.get(name).to(device=device, dtype=base_value.dtype) - base_value
+
+
+def torch_zeros_like(t):
+    import torch
+
+    return torch.zeros_like(t)
+
+
+def _check_same_layout(base: SafetensorsCheckpoint, other: SafetensorsCheckpoint) -> None:
+    for name in base.keys():
+        if name not in other:
+            raise MergeError(f"{other.path}: tensor {name} of the base is missing")
+        if other.shape(name) != base.shape(name):
+            raise MergeError(
+                f"{other.file_of(name)}: tensor {name} has shape {list(other.shape(name))}, "
+                f"base has {list(base.shape(name))}"
+            )
+
+
+# ------------------------------------------------------------------------------------------ the loop
+@dataclass
+class TensorRecord:
+    name: str
+    merged: bool
+    seconds: float
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class MergeReport:
+    method: str
+    scaling: float
+    device: str
+    experts: dict[str, str]  # key -> "full" | "lora_adapter"
+    tensors: list[TensorRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def to_json(self) -> dict:
+        merged = [t for t in self.tensors if t.merged]
+        return {
+            "method": self.method,
+            "scaling": self.scaling,
+            "device": self.device,
+            "experts": self.experts,
+            "totals": {
+                "tensors": len(self.tensors),
+                "merged": len(merged),
+                "kept": len(self.tensors) - len(merged),
+                "merged_params": sum(_numel(t.shape) for t in merged),
+                "kept_params": sum(_numel(t.shape) for t in self.tensors if not t.merged),
+                "seconds": round(self.seconds, 3),
+                "merge_seconds": round(sum(t.seconds for t in merged), 3),
+                "peak_rss_bytes": self.peak_rss_bytes,
+                "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
+            },
+            "tensors": [
+                {"name": t.name, "merged": t.merged, "seconds": round(t.seconds, 5), "shape": list(t.shape),
+                 "dtype": t.dtype}
+                for t in self.tensors
+            ],
+        }  # fmt: skip
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: the same config gives the same bytes whatever order or device the tensors take."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def merge_tensors(
+    base: SafetensorsCheckpoint,
+    experts: list[Expert],
+    method_fn: Callable,
+    method_kwargs: dict,
+    scaling: float,
+    selection: Selection,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    report: MergeReport | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """Yield (name, merged tensor in the base dtype) for every base tensor, in order."""
+    import torch
+
+    from .checkpoints import torch_dtype
+
+    names = base.keys()
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc="merging tensors", unit="tensor", mininterval=1.0)
+    for name in iterator:
+        started = time.perf_counter()
+        base_value = base.get(name)
+        merge_this = selection.selects(name) and base_value.is_floating_point()
+        if not merge_this:
+            yield name, base_value
+            _record(report, name, False, started, base)
+            continue
+        theta0 = base_value.to(device=device, dtype=torch.float32)
+        task_vectors = [expert.task_vector(name, theta0, device) for expert in experts]
+        for expert, tau in zip(experts, task_vectors):
+            if not torch.isfinite(tau).all():
+                raise MergeError(f"{expert.path}: tensor {name} has NaN or Inf values (expert {expert.key})")
+        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
+        tau_m = method_fn(task_vectors, generator=generator, **method_kwargs)
+        if tau_m.shape != theta0.shape:
+            raise MergeError(f"method returned shape {list(tau_m.shape)} for tensor {name} of shape {list(theta0.shape)}")
+        merged = theta0 + scaling * tau_m
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"merged tensor {name} has NaN or Inf values (method output or scaling overflow)")
+        out = merged.to(dtype=torch_dtype(base.dtype(name))).cpu()
+        del task_vectors, tau_m, merged, theta0
+        yield name, out
+        _record(report, name, True, started, base)
+
+
+def _record(report: MergeReport | None, name: str, merged: bool, started: float, base: SafetensorsCheckpoint):
+    if report is None:
+        return
+    report.tensors.append(TensorRecord(name, merged, time.perf_counter() - started, base.shape(name), base.dtype(name)))
+    rss = _rss_bytes()
+    if rss > report.peak_rss_bytes:
+        report.peak_rss_bytes = rss
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda when there is a GPU, else cpu; validates cpu | cuda | cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise MergeError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"device: {device} requested but torch sees no CUDA device")
+    return device
+
+
+def open_model(model_cfg, family: Family) -> tuple[SafetensorsCheckpoint, dict[str, Path], list[Expert]]:
+    """Resolve and open the base and every expert of a model config."""
+    base_path = resolve(model_cfg.base, model_cfg.revision)
+    base = SafetensorsCheckpoint(base_path)
+    if not model_cfg.experts:
+        raise MergeError(f"model {model_cfg.name}: no experts given")
+    paths = {key: resolve(src, model_cfg.revision) for key, src in model_cfg.experts.items()}
+    experts = [Expert(key, path, base, family) for key, path in paths.items()]
+    return base, paths, experts
+
+
+# ------------------------------------------------------------------------------------------ one merge
+@dataclass
+class MergeResult:
+    report: MergeReport
+    merged_dir: Path | None  # the written checkpoint, when one was asked for
+    state_dict: dict | None  # name -> tensor, when the merged weights were kept in memory
+
+
+def merge_model(
+    model_cfg,
+    method_cfg: dict,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    out_dir: Path | None = None,
+    keep_in_memory: bool = False,
+    shard_size_mb: int = 2000,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge the experts of `model_cfg` with `method_cfg`; write to `out_dir` and/or keep the weights in memory."""
+    from .checkpoints import ShardedWriter, iter_layout
+    from .families import get_family
+    from .methods import resolve_method
+
+    family = get_family(model_cfg.family)
+    device = resolve_device(device)
+    fn, kwargs, scaling = resolve_method(method_cfg, model_cfg.finetune)
+    selection = Selection(tuple(model_cfg.merge.include), tuple(model_cfg.merge.exclude))
+    base, expert_paths, experts = open_model(model_cfg, family)
+    files_from = _files_source(model_cfg, base.path, expert_paths)
+
+    report = MergeReport(method_cfg["name"], scaling, device, {e.key: e.kind for e in experts})
+    writer = ShardedWriter(out_dir, list(iter_layout(base)), shard_size_mb * 2**20) if out_dir else None
+    state_dict = {} if keep_in_memory else None
+    started = time.perf_counter()
+    try:
+        stream = merge_tensors(base, experts, fn, kwargs, scaling, selection, seed=seed, device=device,
+                               report=report, progress=progress)  # fmt: skip
+        for name, tensor in stream:
+            if writer is not None:
+                writer.write(name, tensor)
+            if state_dict is not None:
+                state_dict[name] = tensor
+        merged_dir = None
+        if writer is not None:
+            sources = [base.path] if files_from == base.path else [base.path, files_from]
+            merged_dir = writer.commit(extra_files_from=sources, check=lambda path: verify_checkpoint(path, base))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    report.seconds = time.perf_counter() - started
+    return MergeResult(report, merged_dir, state_dict)
+
+
+def _files_source(model_cfg, base_path: Path, expert_paths: dict[str, Path]) -> Path:
+    if model_cfg.files_from == "base":
+        return base_path
+    if model_cfg.files_from not in expert_paths:
+        raise MergeError(
+            f"model.files_from: {model_cfg.files_from!r} is neither 'base' nor an expert ({', '.join(expert_paths)})"
+        )
+    return expert_paths[model_cfg.files_from]
+
+
+def verify_checkpoint(path: Path, base: SafetensorsCheckpoint) -> None:
+    """The written checkpoint has exactly the base's tensor names, shapes and dtypes."""
+    written = SafetensorsCheckpoint(path)
+    missing = set(base.keys()) - set(written.keys())
+    extra = set(written.keys()) - set(base.keys())
+    if missing or extra:
+        name = sorted(missing or extra)[0]
+        raise MergeError(f"{path}: tensor {name} is {'missing' if missing else 'not in the base'}")
+    for name in base.keys():
+        if (written.shape(name), written.dtype(name)) != (base.shape(name), base.dtype(name)):
+            raise MergeError(
+                f"{written.file_of(name)}: tensor {name} is {written.dtype(name)}{list(written.shape(name))}, "
+                f"base has {base.dtype(name)}{list(base.shape(name))}"
+            )

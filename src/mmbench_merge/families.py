@@ -1,0 +1,72 @@
+"""Architecture knowledge as data: one small record per model family.
+
+A model config names its family; everything family-specific (the transformers class, how PEFT module names
+relate to checkpoint tensor names, which lmms-eval backend evaluates it, how it states boxes) lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import MergeError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_class: str | None  # transformers class; None for remote-code checkpoints (trust_remote_code)
+    model_type: str  # config.model_type
+    lmms_backend: str  # lmms-eval model backend that evaluates it
+    box_format: str  # "qwen": <|box_start|>(x1,y1),(x2,y2)<|box_end|>; "internvl": [[x1, y1, x2, y2]]; "none"
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family("qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2_vl", "qwen"),
+    # InternVL in transformers' native format (OpenGVLab/InternVL2_5-1B-hf and our MiniBench models).
+    "internvl": Family("internvl", "InternVLForConditionalGeneration", "internvl", "internvl_hf", "internvl"),
+    # InternVL in its original "internvl_chat" format (OpenGVLab/InternVL2_5-1B, remote code).
+    "internvl_chat": Family("internvl_chat", None, "internvl_chat", "internvl2", "internvl"),
+    # LLaVA / Vicuna-style vision-language models (and the modality-merging Vicuna models).
+    "llava": Family("llava", "LlavaForConditionalGeneration", "llava", "llava_hf", "none"),
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise MergeError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def attribute_names(family: Family, base_dir: Path, checkpoint_keys: list[str]) -> dict[str, str]:
+    """Map the model's attribute paths (what PEFT names modules by) to checkpoint tensor names.
+
+    transformers 5 renames checkpoint keys when it loads a model (Qwen2-VL's `model.layers.0...` becomes
+    `model.language_model.layers.0...`) and renames them back when it saves. We ask transformers itself: build
+    the model from the base's config on the meta device (no memory, no weights) and run its save-time
+    renaming over the attribute names. Checkpoint names also map to themselves, which covers adapters trained
+    under transformers 4, whose module paths were the checkpoint names.
+    """
+    mapping = {key: key for key in checkpoint_keys}
+    if family.model_class is None:
+        return mapping  # remote code: module paths are the checkpoint names
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: module paths equal the checkpoint names for our families
+        return mapping
+    config = AutoConfig.from_pretrained(base_dir)
+    model_class = getattr(transformers, family.model_class)
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    placeholders = {name: torch.empty(0, device="meta") for name, _ in model.named_parameters()}
+    by_identity = {id(t): name for name, t in placeholders.items()}
+    for checkpoint_name, tensor in revert_weight_conversion(model, placeholders).items():
+        attribute = by_identity.get(id(tensor))
+        if attribute is not None and checkpoint_name in mapping:
+            mapping.setdefault(attribute, checkpoint_name)
+    return mapping

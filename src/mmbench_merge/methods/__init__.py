@@ -1,0 +1,61 @@
+"""Merge methods: pure per-tensor functions of the task vectors.
+
+Contract (DESIGN.md): ``fn(task_vectors: list[Tensor], *, <hyperparameters>, generator=None) -> Tensor``
+returns the merged task vector tau_m (before scaling); the engine writes theta_0 + scaling * tau_m.
+The registry maps names to "module:function" so listing methods never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+_REGISTRY: dict[str, str] = {
+    "weight_average": "basic:weight_average",
+    "task_arithmetic": "basic:task_arithmetic",
+    "ties": "ties:ties",
+    "dare_ta": "ties:dare_ta",
+    "dare_ties": "ties:dare_ties",
+}
+
+
+def list_methods() -> list[str]:
+    """Names of every merge method, in the order of the paper's tables."""
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> Callable:
+    """The per-tensor function of merge method `name`."""
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; known: {', '.join(_REGISTRY)}") from None
+    module_name, func_name = target.split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, func_name)
+
+
+# Hyperparameters a method takes from the model's fine-tuning regime when the config leaves them null.
+# (OptMerge has a full fine-tuning and a LoRA variant; other methods add theirs here.)
+PRESETS: dict[str, dict[str, dict]] = {}
+
+_NOT_HYPERPARAMETERS = {"name", "scaling", "expert"}
+
+
+def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, float]:
+    """(function, keyword arguments, scaling) for a method config; null values come from the presets."""
+    name = method_cfg["name"]
+    fn = get_method(name)
+    preset = PRESETS.get(name, {}).get(finetune, {})
+    kwargs = {}
+    for key, value in method_cfg.items():
+        if key in _NOT_HYPERPARAMETERS:
+            continue
+        if value is None:
+            value = preset.get(key)
+        if value is not None:  # still null: the function's own default applies (e.g. 1 / number of experts)
+            kwargs[key] = value
+    scaling = method_cfg.get("scaling")
+    if scaling is None:
+        scaling = preset.get("scaling", 1.0)
+    return fn, kwargs, float(scaling)

@@ -1,0 +1,72 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023) and DARE (Yu et al., ICML 2024) on top of TA or TIES."""
+
+from __future__ import annotations
+
+import torch
+
+from .basic import task_arithmetic
+
+
+def _keep_top_magnitudes(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero every entry of `tau` outside its top `density` fraction by magnitude (ties at the threshold kept)."""
+    if density >= 1.0:
+        return tau
+    k = int(density * tau.numel())
+    if k <= 0:
+        return torch.zeros_like(tau)
+    # The k-th largest magnitude is the threshold; kthvalue counts from the smallest.
+    threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def _ties_merge(trimmed: torch.Tensor) -> torch.Tensor:
+    """Elect a sign per entry from the sum, then average the entries that agree with it (disjoint mean)."""
+    elected = torch.sign(trimmed.sum(dim=0))
+    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    kept_sum = torch.where(agrees, trimmed, torch.zeros_like(trimmed)).sum(dim=0)
+    count = agrees.sum(dim=0)
+    return torch.where(count > 0, kept_sum / count.clamp(min=1), torch.zeros_like(kept_sum))
+
+
+def ties(
+    task_vectors: list[torch.Tensor], *, density: float = 0.2, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Trim each task vector to its top-`density` magnitudes, elect signs, disjoint mean."""
+    _check_fraction("density", density)
+    trimmed = torch.stack([_keep_top_magnitudes(tau, density) for tau in task_vectors])
+    return _ties_merge(trimmed)
+
+
+def _dare(tau: torch.Tensor, drop_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Drop each entry with probability `drop_rate` and rescale the survivors by 1 / (1 - drop_rate)."""
+    if drop_rate == 0.0:
+        return tau
+    keep = torch.rand(tau.shape, generator=generator, device=tau.device) >= drop_rate
+    return torch.where(keep, tau / (1.0 - drop_rate), torch.zeros_like(tau))
+
+
+def dare_ta(
+    task_vectors: list[torch.Tensor], *, drop_rate: float = 0.2, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """DARE on each task vector, then Task Arithmetic."""
+    _check_fraction("drop_rate", drop_rate, upper_open=True)
+    return task_arithmetic([_dare(tau, drop_rate, generator) for tau in task_vectors])
+
+
+def dare_ties(
+    task_vectors: list[torch.Tensor],
+    *,
+    drop_rate: float = 0.2,
+    density: float = 0.2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE on each task vector, then TIES."""
+    _check_fraction("drop_rate", drop_rate, upper_open=True)
+    return ties([_dare(tau, drop_rate, generator) for tau in task_vectors], density=density)
+
+
+def _check_fraction(name: str, value: float, upper_open: bool = False) -> None:
+    ok = 0.0 <= value < 1.0 if upper_open else 0.0 < value <= 1.0
+    if not ok:
+        interval = "[0, 1)" if upper_open else "(0, 1]"
+        raise ValueError(f"method.{name} must be in {interval}, got {value}")
