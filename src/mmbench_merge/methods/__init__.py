@@ -8,7 +8,10 @@ The registry maps names to "module:function" so listing methods never imports to
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("mmbench_merge")
 
 _REGISTRY: dict[str, str] = {
     "weight_average": "basic:weight_average",
@@ -16,6 +19,11 @@ _REGISTRY: dict[str, str] = {
     "ties": "ties:ties",
     "dare_ta": "ties:dare_ta",
     "dare_ties": "ties:dare_ties",
+    "tsv": "svd:tsv",
+    "iso_c": "svd:iso_c",
+    "iso_cts": "svd:iso_cts",
+    "wudi": "optimize:wudi",
+    "optmerge": "optimize:optmerge",
 }
 
 
@@ -35,9 +43,21 @@ def get_method(name: str) -> Callable:
     return getattr(module, func_name)
 
 
-# Hyperparameters a method takes from the model's fine-tuning regime when the config leaves them null.
-# (OptMerge has a full fine-tuning and a LoRA variant; other methods add theirs here.)
-PRESETS: dict[str, dict[str, dict]] = {}
+# Hyperparameters a method takes from the model's fine-tuning regime (model.finetune) when the config leaves
+# them null. OptMerge's two variants are the paper's: full fine-tuning (InternVL2.5-1B) and LoRA (Qwen2-VL-7B).
+PRESETS: dict[str, dict[str, dict]] = {
+    "optmerge": {
+        "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1},
+        "lora": {
+            "center": False,
+            "init": "mean",
+            "optimizer": "sgd",
+            "momentum": 0.9,
+            "lr": 1e-4,
+            "scaling": 1.0,
+        },
+    },
+}
 
 _NOT_HYPERPARAMETERS = {"name", "scaling", "expert"}
 
@@ -58,4 +78,10 @@ def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, flo
     scaling = method_cfg.get("scaling")
     if scaling is None:
         scaling = preset.get("scaling", 1.0)
+    from_preset = sorted(k for k, v in method_cfg.items() if v is None and k in preset)
+    # The composed config shows null for preset values: say once what the run actually uses.
+    log.info(
+        "method %s: scaling=%s %s%s", name, scaling, " ".join(f"{k}={v}" for k, v in kwargs.items()),
+        f" (from the {finetune!r} preset: {', '.join(from_preset)})" if from_preset else "",
+    )  # fmt: skip
     return fn, kwargs, float(scaling)
