@@ -1,7 +1,7 @@
 """TSV-Merge, Iso-C, Iso-CTS, WUDI and OptMerge against independent computations on small random matrices.
 
-The references here are written from the formulas: orthogonalisation by X (X^T X)^(-1/2) from an eigendecomposition
-in float64 (the methods use the SVD polar factor in float32), and plain autograd loops with torch.optim for the
+The references here are written from the formulas: orthogonalisation by the polar factor P Q^T of a float64 SVD
+(the methods use x (x^T x)^(-1/2) from an eigendecomposition), and plain autograd loops with torch.optim for the
 two optimisation methods (the methods use a closed-form gradient).
 """
 
@@ -26,20 +26,13 @@ def random_task_vectors(shape, n_tasks=3, seed=0, scale=1.0):
     return [scale * (0.5 * shared + torch.randn(shape, generator=gen)) for _ in range(n_tasks)]
 
 
-def inverse_sqrt_psd(g: torch.Tensor) -> torch.Tensor:
-    evals, evecs = torch.linalg.eigh(g)
-    return (evecs * evals.rsqrt()) @ evecs.T
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """Nearest matrix with orthonormal columns (rows if wide): P Q^T from a float64 SVD x = P S Q^T."""
+    p, _, qh = torch.linalg.svd(x.double(), full_matrices=False)
+    return p @ qh
 
 
-def orthonormal_columns(x: torch.Tensor) -> torch.Tensor:
-    """Nearest matrix with orthonormal columns, X (X^T X)^(-1/2), in float64 (X of full column rank)."""
-    x = x.double()
-    return x @ inverse_sqrt_psd(x.T @ x)
-
-
-def orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    return inverse_sqrt_psd(x @ x.T) @ x
+orthonormal_columns = orthonormal_rows = polar
 
 
 def top_k(tau: torch.Tensor, k: int):
@@ -278,6 +271,27 @@ def test_bad_hyperparameters_name_the_key(method, kwargs, message):
     tvs = random_task_vectors((8, 8), n_tasks=2)
     with pytest.raises(MergeError, match=message):
         get_method(method)(tvs, **kwargs)
+
+
+def test_nearest_orthogonal_handles_repeated_and_zero_singular_values():
+    from mmbench_merge.methods._matrix import nearest_orthogonal
+
+    gen = torch.Generator().manual_seed(11)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen))
+    # Orthonormal blocks plus overlapping ones: many singular values exactly 1, as in TSV / Iso-CTS.
+    x = torch.cat([q[:, :20], q[:, 18:30] + 0.1 * q[:, 28:40], q[:, 30:38]], dim=1)  # 40 x 40
+    for m in (x, x.T.contiguous(), x[:, :35], x[:35]):
+        out = nearest_orthogonal(m)
+        assert_close(out, polar(m), rtol=1e-5)
+        small = min(m.shape)
+        gram = out.T @ out if m.shape[0] >= m.shape[1] else out @ out.T
+        torch.testing.assert_close(gram, torch.eye(small), rtol=0, atol=1e-5)
+    # A rank-deficient input: the null direction is dropped, the rest is the polar factor of the range.
+    dup = torch.cat([q[:, :5], q[:, :1]], dim=1)
+    out = nearest_orthogonal(dup)
+    assert torch.isfinite(out).all()
+    assert torch.linalg.matrix_rank(out) == 5
+    torch.testing.assert_close(svals(out), torch.tensor([1.0] * 5 + [0.0], dtype=torch.float64), rtol=0, atol=1e-5)
 
 
 def test_mismatched_shapes_are_a_merge_error():

@@ -56,16 +56,42 @@ def rank_of(fraction: float, shape: torch.Size) -> int:
     return max(1, math.floor(fraction * min(shape) + 1e-9))
 
 
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float32; if LAPACK's divide-and-conquer fails to converge, again in float64."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def top_singular(tau: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets of `tau`: U_k (m, k), s_k (k,), Vh_k (k, n)."""
-    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    u, s, vh = svd(tau)
     return u[:, :k], s[:k], vh[:k]
 
 
 def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
-    """The (semi-)orthogonal matrix closest to `x` in Frobenius norm: P Q^T from x = P S Q^T (the polar factor)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    """The matrix with orthonormal columns (rows, if wide) closest to `x`: the polar factor P Q^T of x = P S Q^T.
+
+    Computed as x (x^T x)^(-1/2) (or (x x^T)^(-1/2) x) from a float64 eigendecomposition of the smaller Gram
+    matrix. The matrices orthogonalised here are concatenations of orthonormal blocks, with many singular values
+    at exactly 1: float32 divide-and-conquer SVD fails to converge on some of them (seen on a 3584 x 3584
+    Iso-CTS merge), while the symmetric eigensolver deflates repeated values. Directions with a zero singular
+    value (an exactly rank-deficient x) are left out rather than invented.
+    """
+    x64 = x.double()
+    tall = x.shape[0] >= x.shape[1]
+    gram = x64.T @ x64 if tall else x64 @ x64.T
+    try:
+        evals, evecs = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:
+        p, _, qh = torch.linalg.svd(x64, full_matrices=False)
+        return (p @ qh).to(x.dtype)
+    tol = evals.max().clamp(min=0) * gram.shape[0] * torch.finfo(torch.float64).eps
+    inv_sqrt = torch.where(evals > tol, evals.clamp(min=tol).rsqrt(), torch.zeros_like(evals))
+    root = (evecs * inv_sqrt) @ evecs.T
+    return (x64 @ root if tall else root @ x64).to(x.dtype)
 
 
 def sum_of(task_vectors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,14 +1,15 @@
 """Merges built from singular value decompositions: TSV-Merge, Iso-C and Iso-CTS.
 
 Each takes the float32 task vectors of one 2-D parameter (non-2-D tensors are averaged, see _matrix.py) and
-returns tau_m before scaling. All decompositions are thin (full_matrices=False) and run on the tensors' device.
+returns tau_m before scaling. All decompositions are thin (full_matrices=False) and run on the tensors' device: SVDs in float32 (float64 if
+float32 fails to converge), the orthogonalisation in float64 (see _matrix.nearest_orthogonal).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._matrix import check_fraction, matrix_method, nearest_orthogonal, rank_of, sum_of, top_singular
+from ._matrix import check_fraction, matrix_method, nearest_orthogonal, rank_of, sum_of, svd, top_singular
 
 
 @matrix_method
@@ -37,7 +38,7 @@ def tsv(
 def iso_c(task_vectors: list[torch.Tensor], *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Iso-C (Marczak et al., ICML 2025): SVD of sum_i tau_i with every singular value replaced by their mean."""
     total = sum_of(task_vectors)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = svd(total)
     return s.mean() * (u @ vh)
 
 
