@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from mmbench_merge.methods import PRESETS, get_method, list_methods
-from mmbench_merge.methods import optimize
+from mmbench_merge.methods import PRESETS, get_method, list_methods, optimize
 
 CONFIGURED_ITERS = 300
 
@@ -95,18 +94,25 @@ def _format(row: dict) -> str:
 
 def main() -> None:
     global ARGS
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=3584)
     parser.add_argument("--experts", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--iters", type=int, default=5, help="optimizer steps actually run for WUDI / OptMerge")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--iters", type=int, default=5, help="optimizer steps actually run for WUDI / OptMerge"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--methods", nargs="*", default=None, help="only these (e.g. tsv optmerge)")
     ARGS = parser.parse_args()
     if ARGS.threads:
         torch.set_num_threads(ARGS.threads)
+    cpu = platform.processor() or platform.machine()
     print(f"{ARGS.size} x {ARGS.size} float32, {ARGS.experts} experts, device {ARGS.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")  # fmt: skip
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")  # fmt: skip
     print("| method | seconds per tensor | how |\n| --- | --- | --- |")
     started = time.perf_counter()
     run(ARGS.size, ARGS.experts, ARGS.device, ARGS.iters, ARGS.methods)

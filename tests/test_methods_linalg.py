@@ -291,7 +291,9 @@ def test_nearest_orthogonal_handles_repeated_and_zero_singular_values():
     out = nearest_orthogonal(dup)
     assert torch.isfinite(out).all()
     assert torch.linalg.matrix_rank(out) == 5
-    torch.testing.assert_close(svals(out), torch.tensor([1.0] * 5 + [0.0], dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        svals(out), torch.tensor([1.0] * 5 + [0.0], dtype=torch.float64), rtol=0, atol=1e-5
+    )
 
 
 def test_mismatched_shapes_are_a_merge_error():

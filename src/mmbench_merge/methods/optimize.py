@@ -5,7 +5,7 @@ Both minimise a loss of one shape,
     L(tau) = sum_i w_i ||(tau - C_i) Q_i^T||_F^2,        w_i = 1 / ||tau_i||_F^2,
 
 (WUDI: C_i = Q_i = tau_i; OptMerge: C_i = the rank-K target, Q_i = Sigma_K V_K^T). Its gradient is affine in
-tau (see QuadraticLoss), so its pieces are formed once and a step costs one matrix product instead of the 4T
+tau (see QuadraticLoss), so its pieces are formed once and a step costs one matrix product instead of the 2T
 of an autograd step (forward and backward through T terms). The steps are taken by torch.optim (Adam, or SGD
 with momentum) on that gradient: the iterates are the reference loop's up to float rounding. Everything runs
 in float32 on the task vectors' device.

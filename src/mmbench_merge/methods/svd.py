@@ -1,8 +1,8 @@
 """Merges built from singular value decompositions: TSV-Merge, Iso-C and Iso-CTS.
 
 Each takes the float32 task vectors of one 2-D parameter (non-2-D tensors are averaged, see _matrix.py) and
-returns tau_m before scaling. All decompositions are thin (full_matrices=False) and run on the tensors' device: SVDs in float32 (float64 if
-float32 fails to converge), the orthogonalisation in float64 (see _matrix.nearest_orthogonal).
+returns tau_m before scaling. All decompositions are thin (full_matrices=False) and run on the tensors' device:
+SVDs in float32 (float64 if float32 fails to converge), the orthogonalisation in float64 (_matrix.py).
 """
 
 from __future__ import annotations
