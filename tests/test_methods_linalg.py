@@ -317,3 +317,8 @@ def test_optmerge_null_config_values_come_from_the_finetune_preset(finetune):
     # an explicit value wins over the preset
     _, kwargs, scaling = resolve_method({**cfg, "lr": 3e-3, "scaling": 0.5}, finetune)
     assert kwargs["lr"] == 3e-3 and scaling == 0.5
+
+
+def test_optmerge_with_an_unknown_finetune_regime_is_a_merge_error():
+    with pytest.raises(MergeError, match="model.finetune: 'qlora'"):
+        resolve_method({"name": "optmerge", "center": None, "iters": 300}, "qlora")

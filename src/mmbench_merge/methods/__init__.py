@@ -11,6 +11,8 @@ import importlib
 import logging
 from collections.abc import Callable
 
+from .. import MergeError
+
 log = logging.getLogger("mmbench_merge")
 
 _REGISTRY: dict[str, str] = {
@@ -66,6 +68,9 @@ def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, flo
     """(function, keyword arguments, scaling) for a method config; null values come from the presets."""
     name = method_cfg["name"]
     fn = get_method(name)
+    if name in PRESETS and finetune not in PRESETS[name]:
+        known = " or ".join(PRESETS[name])
+        raise MergeError(f"model.finetune: {finetune!r} selects no {name} preset; expected {known}")
     preset = PRESETS.get(name, {}).get(finetune, {})
     kwargs = {}
     for key, value in method_cfg.items():
@@ -80,8 +85,7 @@ def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, flo
         scaling = preset.get("scaling", 1.0)
     from_preset = sorted(k for k, v in method_cfg.items() if v is None and k in preset)
     # The composed config shows null for preset values: say once what the run actually uses.
-    log.info(
-        "method %s: scaling=%s %s%s", name, scaling, " ".join(f"{k}={v}" for k, v in kwargs.items()),
-        f" (from the {finetune!r} preset: {', '.join(from_preset)})" if from_preset else "",
-    )  # fmt: skip
+    values = " ".join([f"scaling={scaling}", *(f"{k}={v}" for k, v in kwargs.items())])
+    source = f" (from the {finetune!r} preset: {', '.join(from_preset)})" if from_preset else ""
+    log.info("method %s: %s%s", name, values, source)
     return fn, kwargs, float(scaling)
