@@ -39,15 +39,16 @@ def test_registry_lists_the_ten_methods_in_table_order():
 
 
 @pytest.fixture(scope="module")
-def fixture_conf(tmp_path_factory) -> Path:
-    """Tiny Qwen2-VL (LoRA preset) and InternVL (full fine-tuning preset) families with their model YAMLs."""
-    from mmbench_merge.fixtures import make_family, write_model_yaml
+def fixture_conf(tiny_root, tmp_path_factory) -> Path:
+    """Model YAMLs for the session's tiny families: Qwen2-VL under the LoRA preset (its ocr expert is a PEFT
+    adapter), InternVL under the full fine-tuning preset, as in the paper."""
+    from mmbench_merge.fixtures import write_model_yaml
 
-    root = tmp_path_factory.mktemp("fixtures")
+    conf = tmp_path_factory.mktemp("methods_conf")
     for arch, finetune in (("qwen2_vl", "lora"), ("internvl", "full")):
-        paths = make_family(root / arch, arch)
-        write_model_yaml(root / "conf", f"tiny_{arch}", arch, paths, finetune=finetune)
-    return root / "conf"
+        paths = json.loads((tiny_root / arch / "family.json").read_text())
+        write_model_yaml(conf, f"tiny_{arch}", arch, paths, finetune=finetune)
+    return conf
 
 
 def test_all_ten_methods_merge_both_families_in_one_multirun(fixture_conf, tmp_path):
