@@ -60,6 +60,8 @@ def run(size: int, n_experts: int, device: str, iters: int, only: list[str] | No
     rows = []
     for label, kwargs in variants:
         fn = get_method(label.split()[0])
+        # Pay one-time costs (lazy imports on torch.optim's first step, kernel selection) outside the timing.
+        fn([torch.randn(8, 8, device=device) for _ in range(n_experts)], **kwargs)
         timer = StepTimer(device)
         optimize.minimise = timer
         try:
@@ -79,7 +81,27 @@ def run(size: int, n_experts: int, device: str, iters: int, only: list[str] | No
                        extrapolated=iters != CONFIGURED_ITERS)  # fmt: skip
         rows.append(row)
         print(_format(row), flush=True)
+    if ARGS.reference and (not only or "wudi" in only):
+        per_step = reference_wudi_step(task_vectors, device, iters)
+        print(f"| wudi, reference autograd loop (for comparison) | {CONFIGURED_ITERS * per_step:.1f} |"
+              f" 300 x {per_step * 1e3:.0f} ms, setup not counted (extrapolated from {iters} steps) |")  # fmt: skip
     return rows
+
+
+def reference_wudi_step(task_vectors: list[torch.Tensor], device: str, steps: int) -> float:
+    """Seconds per step of the reference-style loop (autograd through the T loss terms, then Adam), to compare."""
+    tau = torch.nn.Parameter(sum(task_vectors))
+    opt = torch.optim.Adam([tau], lr=1e-5)
+    norms = [float(t.pow(2).sum()) for t in task_vectors]
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum(((tau - t) @ t.T).pow(2).sum() / n for t, n in zip(task_vectors, norms))
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return (time.perf_counter() - started) / steps
 
 
 def _format(row: dict) -> str:
@@ -107,6 +129,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--methods", nargs="*", default=None, help="only these (e.g. tsv optmerge)")
+    parser.add_argument("--reference", action="store_true", help="also time WUDI's reference autograd step")
     ARGS = parser.parse_args()
     if ARGS.threads:
         torch.set_num_threads(ARGS.threads)
