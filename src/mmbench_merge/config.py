@@ -126,6 +126,7 @@ class LoggerConfig:
     project: str = "mmbench-merge"
     entity: Optional[str] = None
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE in the environment wins)
+    # W&B files go to <run dir>/wandb/; project/entity default to WANDB_PROJECT / WANDB_ENTITY (conf/logger/wandb.yaml)
     tags: List[str] = field(default_factory=list)
 
 
@@ -140,7 +141,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_merged: bool = False  # write the merged checkpoint to <run dir>/merged/
-    rerun: bool = False  # run again even if this run directory already holds results for the same config
+    rerun: bool = False  # run again even if complete results for the same resolved config exist under runs_dir
+    runs_dir: str = "runs"  # where runs are written and where completed runs are looked up (skip-on-rerun)
     shard_size_mb: int = 2000  # merged checkpoints are written in shards of at most this size
 
 
