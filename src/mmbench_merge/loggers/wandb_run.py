@@ -185,4 +185,6 @@ def read_offline_run(run_path: Path) -> dict:
     for path in sorted((run_path / "files" / "media" / "table").glob("*.table.json")):
         key = path.name.rsplit("_", 2)[0]
         out["tables"][key] = json.loads(path.read_text())
+    # A logged table also leaves its file metadata in the summary (<key>/path, <key>/sha256, ...): drop it.
+    out["summary"] = {k: v for k, v in out["summary"].items() if k.split("/", 1)[0] not in out["tables"]}
     return out
