@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from mmbench_merge.results import (
-    RESULTS_FILE, RUN_FILE, ROW_FIELDS, RunRecord, collect_runs, config_fingerprint, find_completed, read_rows,
+    RESULTS_FILE,
+    ROW_FIELDS,
+    RUN_FILE,
+    RunRecord,
+    collect_runs,
+    config_fingerprint,
+    find_completed,
+    read_rows,
     rows_of,
 )  # fmt: skip
 from mmbench_merge.runner import record_rows
@@ -41,8 +48,15 @@ def test_fingerprint_ignores_volatile_keys_only():
     for key, value in [("rerun", True), ("device", "cpu"), ("logger.name", "wandb"), ("shard_size_mb", 10),
                        ("runs_dir", "/elsewhere")]:  # fmt: skip
         assert config_fingerprint(tiny_config(**{key: value})) == fp, key
-    for key, value in [("method.scaling", 0.7), ("method.density", 0.3), ("seed", 1), ("model.base", "/x"),
-                       ("method.name", "dare_ties"), ("save_merged", True), ("evaluator.name", "lmms_eval")]:
+    for key, value in [
+        ("method.scaling", 0.7),
+        ("method.density", 0.3),
+        ("seed", 1),
+        ("model.base", "/x"),
+        ("method.name", "dare_ties"),
+        ("save_merged", True),
+        ("evaluator.name", "lmms_eval"),
+    ]:
         assert config_fingerprint(tiny_config(**{key: value})) != fp, key
 
 

@@ -41,14 +41,27 @@ def test_slurm_launcher_config_composes():
 def test_grid_through_submitit_local(model_conf, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, str(REPO / "run.py"), "-m", "--config-dir", str(model_conf), "hydra/launcher=local",
-           "model=tiny", f"runs_dir={runs}", "logger=none", "method=ties,task_arithmetic", "method.scaling=0.5"]
+    cmd = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "-m",
+        "--config-dir",
+        str(model_conf),
+        "hydra/launcher=local",
+        "model=tiny",
+        f"runs_dir={runs}",
+        "logger=none",
+        "method=ties,task_arithmetic",
+        "method.scaling=0.5",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep,) = (runs / "multirun").glob("*/*")
     jobs = sorted(d for d in sweep.iterdir() if (d / RUN_FILE).exists())
-    assert [j.name for j in jobs] == ["0_logger=none,method.scaling=0.5,method=ties,model=tiny",
-                                      "1_logger=none,method.scaling=0.5,method=task_arithmetic,model=tiny"]
+    assert [j.name for j in jobs] == [
+        "0_logger=none,method.scaling=0.5,method=ties,model=tiny",
+        "1_logger=none,method.scaling=0.5,method=task_arithmetic,model=tiny",
+    ]
     pids = set()
     for job in jobs:
         record = json.loads((job / RUN_FILE).read_text())

@@ -71,7 +71,8 @@ def test_job_run_holds_config_table_and_summary(tmp_path, wandb_env):
         cell = dict(zip(table["columns"], cells))
         assert json.loads(cell["params"]) == row["params"] == {"density": 0.2}
         assert {k: cell[k] for k in ("task", "metric", "value", "category", "run_id", "seed")} == {
-            k: row[k] for k in ("task", "metric", "value", "category", "run_id", "seed")}
+            k: row[k] for k in ("task", "metric", "value", "category", "run_id", "seed")
+        }
     s = got["summary"]
     assert s["task/mini_vqa/exact_match"] == 60.0 and s["task/mini_ocr/anls"] == 55.5
     assert s["category/VQA"] == 60.0 and s["category/OCR"] == 40.0 and s["average"] == 50.0
@@ -104,13 +105,20 @@ def test_grid_run_gathers_every_job_including_skipped(tmp_path, wandb_env):
 
     grid_rows = [json.loads(line) for line in (sweep / "grid.jsonl").read_text().splitlines()]
     assert [(r["job"], r["task"]) for r in grid_rows] == [
-        ("0_method=ties", "mini_vqa"), ("0_method=ties", "mini_ocr"), ("1_method=task_arithmetic", "mini_vqa")]
+        ("0_method=ties", "mini_vqa"),
+        ("0_method=ties", "mini_ocr"),
+        ("1_method=task_arithmetic", "mini_vqa"),
+    ]
     (offline,) = offline_runs(sweep)
     got = read_offline_run(offline)
     assert got["run"]["job_type"] == "grid" and got["run"]["group"] == "multirun/2026-01-01/10-00-00"
     grid = got["tables"]["grid"]
     assert grid["columns"] == ["job", *ROW_FIELDS]
-    assert [dict(zip(grid["columns"], c))["method"] for c in grid["data"]] == ["ties", "ties", "task_arithmetic"]
+    assert [dict(zip(grid["columns"], c))["method"] for c in grid["data"]] == [
+        "ties",
+        "ties",
+        "task_arithmetic",
+    ]
     jobs = got["tables"]["jobs"]
     assert [(c[0], c[1]) for c in jobs["data"]] == [("0_method=ties", "skipped"),
                                                   ("1_method=task_arithmetic", "complete")]  # fmt: skip

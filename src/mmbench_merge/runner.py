@@ -20,9 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import MergeError
 from .results import (
-    MERGE_REPORT_FILE, RESULTS_FILE, RunRecord, find_completed, format_summary, read_rows, write_json_atomic,
+    MERGE_REPORT_FILE,
+    RESULTS_FILE,
+    RunRecord,
+    find_completed,
+    format_summary,
+    read_rows,
+    write_json_atomic,
     write_rows,
-)  # fmt: skip
+)
 
 log = logging.getLogger("mmbench_merge")
 

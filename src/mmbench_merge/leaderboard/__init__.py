@@ -51,7 +51,14 @@ def build_leaderboard(sources, out_dir: Path, *, wandb: bool = False, logger_cfg
         from ..loggers.wandb_run import log_leaderboard
 
         log_leaderboard(tables, out_dir, logger_cfg)
-    return {"runs": len(runs), "boards": boards, "tables": tables, "markdown": md, "html": page, "plots": pngs}
+    return {
+        "runs": len(runs),
+        "boards": boards,
+        "tables": tables,
+        "markdown": md,
+        "html": page,
+        "plots": pngs,
+    }
 
 
 def _describe(run) -> str:

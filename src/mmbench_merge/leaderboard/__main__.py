@@ -12,9 +12,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mmbench_merge.leaderboard",
         description="Build leaderboard.md, leaderboard.html and PNG plots from every results.jsonl under DIRs.",
     )
-    parser.add_argument("dirs", nargs="+", type=Path, help="run directories (searched recursively) or results files")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: <first DIR>/leaderboard)")
-    parser.add_argument("--wandb", action="store_true", help="also log the tables to W&B (offline unless WANDB_MODE)")
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, help="run directories (searched recursively) or results files"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: <first DIR>/leaderboard)"
+    )
+    parser.add_argument(
+        "--wandb", action="store_true", help="also log the tables to W&B (offline unless WANDB_MODE)"
+    )
     parser.add_argument("--project", default="mmbench-merge", help="W&B project for --wandb")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.exists()]
@@ -32,4 +38,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -58,8 +58,7 @@ def plot_heatmap(board: Board, path: Path) -> Path:
     entries = board.best()
     values = np.array([[e.scores.get(c.task, np.nan) for c in board.columns] for e in entries], dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 * len(board.columns) + 3, 0.45 * len(entries) + 1.8))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto", vmin=0, vmax=max(100.0, np.nanmax(
         values) if np.isfinite(values).any() else 100.0))  # fmt: skip
     for i in range(values.shape[0]):
@@ -67,7 +66,9 @@ def plot_heatmap(board: Board, path: Path) -> Path:
             if np.isfinite(values[i, j]):
                 ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=7,
                         color="white" if values[i, j] < 60 else "black")  # fmt: skip
-    ax.set_xticks(range(len(board.columns)), [c.label for c in board.columns], rotation=40, ha="right", fontsize=8)
+    ax.set_xticks(
+        range(len(board.columns)), [c.label for c in board.columns], rotation=40, ha="right", fontsize=8
+    )
     ax.set_yticks(range(len(entries)), [e.label for e in entries], fontsize=8)
     fig.colorbar(im, ax=ax, label="score")
     ax.set_title(f"{board.model} / {board.suite}: score per task")

@@ -175,8 +175,9 @@ def html_table(table: dict) -> str:
             f"<tbody>{''.join(body)}</tbody></table>")  # fmt: skip
 
 
-def render_html(sections: list[dict], sources: list[str], unscored: list[str], generated: str,
-                out_dir: Path) -> str:
+def render_html(
+    sections: list[dict], sources: list[str], unscored: list[str], generated: str, out_dir: Path
+) -> str:
     """One page, nothing external: CSS and the sorting script inline, the plots as data: URIs."""
     esc = html.escape
     parts = [f"<h1>Leaderboard</h1><p>Generated {esc(generated)} from the results under "

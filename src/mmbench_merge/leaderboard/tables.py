@@ -85,7 +85,9 @@ class Board:
         """{"categories": {cat: mean or None}, "average": mean or None, "present": n, "total": N}."""
         cats = {}
         for cat in self.categories:
-            vals = [entry.scores[c.task] for c in self.columns if c.category == cat and c.task in entry.scores]
+            vals = [
+                entry.scores[c.task] for c in self.columns if c.category == cat and c.task in entry.scores
+            ]
             cats[cat] = sum(vals) / len(vals) if vals else None
         vals = [entry.scores[c.task] for c in self.columns if c.task in entry.scores]
         return {"categories": cats, "average": sum(vals) / len(vals) if vals else None, "present": len(vals),
@@ -100,7 +102,9 @@ class Board:
         refs = [e for e in self.entries if e.is_reference]
         best: dict[str, Entry] = {}
         for e in self.entries:
-            if not e.is_reference and (e.method not in best or self.rank_key(e) > self.rank_key(best[e.method])):
+            if not e.is_reference and (
+                e.method not in best or self.rank_key(e) > self.rank_key(best[e.method])
+            ):
                 best[e.method] = e
         return _ordered(refs) + _ordered(list(best.values()))
 

@@ -44,6 +44,15 @@ def init(logger_cfg, directory: Path, **kwargs):
     )
 
 
+def finish(run) -> None:
+    """Finish the run and wait until W&B's service has written every file: its writes continue after
+    run.finish() returns, and the run directory must be complete when the job ends."""
+    import wandb
+
+    run.finish()
+    wandb.teardown()
+
+
 def rows_table(rows: list[dict], extra_columns: tuple[str, ...] = ()):
     """A wandb.Table with the results-row columns (plus `extra_columns` first); params as JSON text."""
     import wandb
@@ -112,7 +121,7 @@ def log_run(cfg, run_dir: Path, record, rows: list[dict], summary: dict) -> None
                         "git_commit": record.git_commit or "", "run_dir": str(run_dir)})  # fmt: skip
         run.summary.update(scalars)
     finally:
-        run.finish()
+        finish(run)
     log.info("W&B run %s logged (%s) under %s/wandb", record.run_id, mode_of(cfg.logger), run_dir)
 
 
@@ -122,7 +131,9 @@ def log_grid(logger_cfg, sweep_dir: Path, jobs: list[dict], overrides: list[str]
 
     sweep_dir = Path(sweep_dir)
     config = {"sweep_dir": str(sweep_dir), "overrides": overrides, "jobs": len(jobs)}
-    run = init(logger_cfg, sweep_dir, config=config, job_type="grid", group=sweep_group(sweep_dir), name="grid")
+    run = init(
+        logger_cfg, sweep_dir, config=config, job_type="grid", group=sweep_group(sweep_dir), name="grid"
+    )
     try:
         rows = [{"job": job["job"], **row} for job in jobs for row in job["rows"]]
         run.log({"grid": rows_table(rows, extra_columns=("job",))})
@@ -131,7 +142,7 @@ def log_grid(logger_cfg, sweep_dir: Path, jobs: list[dict], overrides: list[str]
         run.summary.update({"jobs": len(jobs), "complete": sum(j["status"] == "complete" for j in jobs),
                             "skipped": sum(j["status"] == "skipped" for j in jobs)})  # fmt: skip
     finally:
-        run.finish()
+        finish(run)
 
 
 def log_leaderboard(tables: list[dict], out_dir: Path, logger_cfg: dict | None = None) -> None:
@@ -145,7 +156,7 @@ def log_leaderboard(tables: list[dict], out_dir: Path, logger_cfg: dict | None =
             key = table["key"]
             run.log({key: wandb.Table(columns=table["columns"], data=table["data"])})
     finally:
-        run.finish()
+        finish(run)
 
 
 # ------------------------------------------------------------------------------------------ reading back
