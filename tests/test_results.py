@@ -112,17 +112,31 @@ def model_conf(tmp_path_factory) -> Path:
 
 def run_py(*args, env_extra=None, cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
+def wandb_env(tmp_path: Path) -> dict:
+    """Offline W&B (the default logger) with its config, cache and staging in tmp, never the user's."""
+    env = {k: str(tmp_path / k.lower()) for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR",
+                                                  "WANDB_ARTIFACT_DIR")}  # fmt: skip
+    return {**env, "WANDB_MODE": None, "WANDB_PROJECT": None, "WANDB_ENTITY": None}  # None: unset
+
+
 def test_grid_runs_once_then_is_skipped_then_rerun_forces(model_conf, tmp_path):
+    """The 2 x 2 grid with the default logger: four result sets, four offline W&B runs and the grid's run;
+    the same command again skips all four; rerun=true runs a point again."""
+    pytest.importorskip("wandb")
+    from mmbench_merge.loggers.wandb_run import offline_runs, read_offline_run
+
     runs = tmp_path / "runs"
-    grid = ["-m", "--config-dir", str(model_conf), "model=tiny", f"runs_dir={runs}", "logger=none",
+    env = wandb_env(tmp_path)
+    grid = ["-m", "--config-dir", str(model_conf), "model=tiny", f"runs_dir={runs}",
             "method=ties,task_arithmetic", "method.scaling=0.3,0.5"]  # fmt: skip
-    first = run_py(*grid)
+    first = run_py(*grid, env_extra=env)
     (sweep,) = (runs / "multirun").glob("*/*")
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and (d / RUN_FILE).exists())
     assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]
@@ -137,11 +151,20 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(model_conf, tmp_path):
         assert report["totals"]["merged"] > 0 and report["method"] == record["config"]["method"]["name"]
         assert (job / RESULTS_FILE).read_text() == ""  # evaluator=none: complete, no task rows
         fingerprints.add(record["fingerprint"])
+        (wb,) = offline_runs(job)
+        got = read_offline_run(wb)
+        assert got["run"]["id"] == record["run_id"] and got["run"]["group"] == "/".join(sweep.parts[-3:])
+        assert got["run"]["name"] == job.name and got["run"]["job_type"] == "merge"
+        assert got["config"] == record["config"]
+        assert got["tables"]["results"]["data"] == []  # evaluator=none: an empty results table
+        assert got["summary"]["merge/merged"] == report["totals"]["merged"]
     assert len(fingerprints) == 4
     assert "no task scores (evaluator=none)" in first.stdout  # the end-of-run summary
     assert (sweep / "grid.jsonl").exists() and "4 jobs" in first.stdout
+    (grid_run,) = offline_runs(sweep)
+    assert read_offline_run(grid_run)["run"]["job_type"] == "grid"
 
-    again = run_py(*grid)
+    again = run_py(*grid, env_extra=env)
     sweeps = sorted((runs / "multirun").glob("*/*"))
     assert len(sweeps) == 2
     relaunch = next(s for s in sweeps if s != sweep)
@@ -151,6 +174,9 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(model_conf, tmp_path):
         assert Path(record["same_as"]).parent == sweep and record["fingerprint"] in fingerprints
         assert not (job / RESULTS_FILE).exists() and not (job / "merge_report.json").exists()
         assert rows_of(job) == read_rows(Path(record["same_as"]) / RESULTS_FILE)
+        assert offline_runs(job) == []  # a skipped job logs no W&B run of its own
+    (grid_run,) = offline_runs(relaunch)  # ... but the relaunch's grid run reports the whole grid
+    assert [c[1] for c in read_offline_run(grid_run)["tables"]["jobs"]["data"]] == ["skipped"] * 4
     assert again.stdout.count("skipping: results for the same config already exist") == 4
     assert "merging tensors" not in again.stderr  # nothing was merged again
     # The leaderboard's reader sees each complete run once: the skipped jobs add nothing.
