@@ -256,7 +256,8 @@ def test_paper_data_is_shipped_and_mapped():
     assert len(rows) == 32 and {r["table"] for r in rows} == {"2", "3"}
     assert paper_entry("internvl2_5", "optmerge")["Avg"] == 57.44
     assert paper_entry("internvl2_5", "expert:vqa")["RefCOCO"] is None  # experts that emit no boxes
-    assert paper_column("RefCOCO+", "x") == "RefCOCO+"
+    assert paper_column("RefCOCO+", "x") == "RefCOCO+" and paper_column("OCR-VQA", "mmb_ocrvqa_test") == "OCRVQA"
+    assert paper_column("RefCOCO+", "mmb_refcocoplus_val") == "RefCOCO+"
     assert (
         paper_column("", "refcocog_bbox_val") == "RefCOCOg"
         and paper_column("", "refcoco_bbox_val") == "RefCOCO"

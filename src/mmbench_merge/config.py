@@ -143,7 +143,7 @@ class RunConfig:
     save_merged: bool = False  # write the merged checkpoint to <run dir>/merged/
     rerun: bool = False  # run again even if complete results for the same resolved config exist under runs_dir
     runs_dir: str = "runs"  # where runs are written and where completed runs are looked up (skip-on-rerun)
-    shard_size_mb: int = 2000  # merged checkpoints are written in shards of at most this size
+    shard_size_mb: float = 2000.0  # merged checkpoints are written in shards of at most this many MB
 
 
 METHOD_SCHEMAS: Dict[str, type] = {
