@@ -100,16 +100,6 @@ def test_record_rows_completes_evaluator_rows_with_run_fields(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ through run.py
-@pytest.fixture(scope="module")
-def model_conf(tmp_path_factory) -> Path:
-    from mmbench_merge.fixtures import make_family, write_model_yaml
-
-    root = tmp_path_factory.mktemp("family")
-    paths = make_family(root / "qwen2_vl", "qwen2_vl", lora_expert=None)
-    write_model_yaml(root / "conf", "tiny", "qwen2_vl", paths)
-    return root / "conf"
-
-
 def run_py(*args, env_extra=None, cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     env = {k: v for k, v in env.items() if v is not None}
@@ -126,7 +116,7 @@ def wandb_env(tmp_path: Path) -> dict:
     return {**env, "WANDB_MODE": None, "WANDB_PROJECT": None, "WANDB_ENTITY": None}  # None: unset
 
 
-def test_grid_runs_once_then_is_skipped_then_rerun_forces(model_conf, tmp_path):
+def test_grid_runs_once_then_is_skipped_then_rerun_forces(tiny_conf, tmp_path):
     """The 2 x 2 grid with the default logger: four result sets, four offline W&B runs and the grid's run;
     the same command again skips all four; rerun=true runs a point again."""
     pytest.importorskip("wandb")
@@ -134,7 +124,7 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(model_conf, tmp_path):
 
     runs = tmp_path / "runs"
     env = wandb_env(tmp_path)
-    grid = ["-m", "--config-dir", str(model_conf), "model=tiny", f"runs_dir={runs}",
+    grid = ["-m", "--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}",
             "method=ties,task_arithmetic", "method.scaling=0.3,0.5"]  # fmt: skip
     first = run_py(*grid, env_extra=env)
     (sweep,) = (runs / "multirun").glob("*/*")
@@ -182,7 +172,7 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(model_conf, tmp_path):
     # The leaderboard's reader sees each complete run once: the skipped jobs add nothing.
     assert len(collect_runs([runs])) == 4
 
-    run_py("--config-dir", str(model_conf), "model=tiny", f"runs_dir={runs}", "logger=none", "method=ties",
+    run_py("--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}", "logger=none", "method=ties",
            "method.scaling=0.3", "rerun=true")  # fmt: skip
-    single = list((runs / "tiny" / "ties").glob("*"))
+    single = list((runs / "tiny_qwen2_vl" / "ties").glob("*"))
     assert len(single) == 1 and json.loads((single[0] / RUN_FILE).read_text())["status"] == "complete"

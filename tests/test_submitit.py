@@ -17,15 +17,6 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def model_conf(tmp_path_factory) -> Path:
-    from mmbench_merge.fixtures import make_family, write_model_yaml
-
-    root = tmp_path_factory.mktemp("family")
-    write_model_yaml(root / "conf", "tiny", "qwen2_vl", make_family(root / "q", "qwen2_vl", lora_expert=None))
-    return root / "conf"
-
-
 def test_slurm_launcher_config_composes():
     """hydra/launcher=slurm resolves to submitit's SLURM launcher with our resources."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -38,7 +29,7 @@ def test_slurm_launcher_config_composes():
         assert key in proc.stdout, key
 
 
-def test_grid_through_submitit_local(model_conf, tmp_path):
+def test_grid_through_submitit_local(tiny_conf, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [
@@ -46,9 +37,9 @@ def test_grid_through_submitit_local(model_conf, tmp_path):
         str(REPO / "run.py"),
         "-m",
         "--config-dir",
-        str(model_conf),
+        str(tiny_conf),
         "hydra/launcher=local",
-        "model=tiny",
+        "model=tiny_qwen2_vl",
         f"runs_dir={runs}",
         "logger=none",
         "method=ties,task_arithmetic",
@@ -59,8 +50,8 @@ def test_grid_through_submitit_local(model_conf, tmp_path):
     (sweep,) = (runs / "multirun").glob("*/*")
     jobs = sorted(d for d in sweep.iterdir() if (d / RUN_FILE).exists())
     assert [j.name for j in jobs] == [
-        "0_logger=none,method.scaling=0.5,method=ties,model=tiny",
-        "1_logger=none,method.scaling=0.5,method=task_arithmetic,model=tiny",
+        "0_logger=none,method.scaling=0.5,method=ties,model=tiny_qwen2_vl",
+        "1_logger=none,method.scaling=0.5,method=task_arithmetic,model=tiny_qwen2_vl",
     ]
     pids = set()
     for job in jobs:
