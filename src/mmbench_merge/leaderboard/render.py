@@ -167,7 +167,8 @@ def html_table(table: dict) -> str:
         for value, col in zip(row, table["columns"]):
             cls = "missing" if value is None else ""
             if isinstance(value, float) and _is_delta(col):
-                cls = "pos" if value > 0 else "neg" if value < 0 else ""
+                shown = round(value, 2)  # colour what is shown: float noise is no difference
+                cls = "pos" if shown > 0 else "neg" if shown < 0 else ""
             data = "" if value is None else (repr(value) if isinstance(value, float) else str(value))
             cells.append(f'<td class="{cls}" data-value="{esc(data)}">{esc(fmt(value, _is_delta(col)))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
