@@ -37,8 +37,8 @@ def write_run(
     extra_rows=(),
 ) -> Path:
     """A run directory as a run leaves it: results.jsonl (task rows + avg: rows) and run.json."""
-    _count[0] += 1
-    run_dir = root / f"run{_count[0]:03d}"
+    _count[0] += 1  # run ids unique across the session; directory names numbered per root
+    run_dir = root / f"run{len(list(root.glob('run*'))) + 1:03d}"
     run_dir.mkdir(parents=True)
     params = dict(params or {})
     base = {"run_id": f"r{_count[0]}", "model": model, "method": method, "params": params, "scaling": scaling,
@@ -297,3 +297,14 @@ def test_leaderboard_table_logged_to_wandb(mini_runs, tmp_path, monkeypatch):
     assert best["columns"] == expected["columns"]
     assert [r[0] for r in best["data"]] == ["base", "expert: vqa", "expert: ocr", "task_arithmetic", "ties"]
     assert best["data"][4][expected["columns"].index("Avg")] == pytest.approx(mean([52, 57, 61]))
+
+
+def test_rows_file_given_directly_and_runs_counted_once(mini_runs, tmp_path):
+    """A plain rows file (e.g. exported elsewhere) is a run of its own; a directory given twice counts once."""
+    rows = mini_runs / "run001" / RESULTS_FILE
+    loose = tmp_path / "exported.jsonl"
+    loose.write_text(rows.read_text().replace('"method": "base"', '"method": "weight_average"'))
+    out = build_leaderboard([mini_runs, mini_runs / "run001", loose], tmp_path / "lb")
+    assert out["runs"] == 11  # ten run directories (one given twice) + the loose file
+    best = {t["key"]: t for t in out["tables"]}["mini_minibench_best"]
+    assert [r[0] for r in best["data"]][-3:] == ["weight_average", "task_arithmetic", "ties"]

@@ -214,22 +214,18 @@ class RecordedRun:
 
 
 def collect_runs(paths) -> list[RecordedRun]:
-    """Every complete run (a results.jsonl) under the given directories or results files, each once."""
+    """Every complete run under the given directories, each once. A path may also be a rows file (any name,
+    JSON lines in the results schema), read as one run without a record."""
     seen, runs = set(), []
-    for path in paths:
-        path = Path(path)
-        if path.is_file():
-            candidates = [path.parent] if path.name == RESULTS_FILE else []
-            if path.name != RESULTS_FILE:
-                runs.append(RecordedRun(path.parent, read_rows(path), None))
-        else:
-            candidates = [d for d in iter_run_dirs(path) if is_complete(d)]
-        for run_dir in candidates:
-            key = run_dir.resolve()
-            if key in seen:
-                continue
-            seen.add(key)
-            runs.append(RecordedRun(run_dir, read_rows(run_dir / RESULTS_FILE), read_record(run_dir)))
+    for path in map(Path, paths):
+        if path.is_file() and path.name != RESULTS_FILE:
+            runs.append(RecordedRun(path.parent, read_rows(path), None))
+            continue
+        run_dirs = [path.parent] if path.is_file() else [d for d in iter_run_dirs(path) if is_complete(d)]
+        for run_dir in run_dirs:
+            if run_dir.resolve() not in seen:
+                seen.add(run_dir.resolve())
+                runs.append(RecordedRun(run_dir, read_rows(run_dir / RESULTS_FILE), read_record(run_dir)))
     return runs
 
 
