@@ -176,3 +176,18 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(tiny_conf, tmp_path):
            "method.scaling=0.3", "rerun=true")  # fmt: skip
     single = list((runs / "tiny_qwen2_vl" / "ties").glob("*"))
     assert len(single) == 1 and json.loads((single[0] / RUN_FILE).read_text())["status"] == "complete"
+
+
+def test_a_failed_run_says_so_and_is_not_done(tiny_conf, tmp_path):
+    runs = tmp_path / "runs"
+    args = ["--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}", "logger=none",
+            f"model.base={tmp_path / 'missing'}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "error:" in proc.stderr
+    (run_dir,) = (runs / "tiny_qwen2_vl" / "ties").glob("*")
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    assert record["status"] == "failed" and "missing" in record["error"]
+    assert not (run_dir / RESULTS_FILE).exists()
+    assert find_completed(record["fingerprint"], runs) is None

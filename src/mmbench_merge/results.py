@@ -110,10 +110,11 @@ class RunRecord:
     git_commit: str | None
     seed: int
     started_at: str
-    status: str = "running"  # running | complete | skipped
+    status: str = "running"  # running | complete | skipped | failed (killed runs stay "running")
     finished_at: str | None = None
     duration_s: float | None = None
     same_as: str | None = None  # for a skipped run: the directory holding the completed run's results
+    error: str | None = None  # for a failed run: the exception, one line
     summary: dict = field(default_factory=dict)
 
     @classmethod

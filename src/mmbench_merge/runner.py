@@ -48,7 +48,6 @@ class PreparedModel:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Execute one configured run inside `run_dir`; returns a summary dict."""
-    from .engine import resolve_device
     from .loggers import check_logger
 
     run_dir = Path(run_dir)
@@ -58,6 +57,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     done = already_done(cfg, run_dir, record)
     if done is not None:
         return skip(run_dir, record, done, t0)
+
+    try:
+        return execute(cfg, run_dir, record, t0)
+    except BaseException as exc:  # recorded, then raised as before
+        if not (run_dir / RESULTS_FILE).exists():  # results on disk: the run is done whatever failed after
+            record.finish(run_dir, "failed", time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dict:
+    """Merge (or pick the reference model), evaluate, record, log."""
+    from .engine import resolve_device
 
     device = resolve_device(cfg.device)
     prepared = prepare_model(cfg, run_dir, device)
