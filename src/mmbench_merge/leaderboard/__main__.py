@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no such directory or file: {', '.join(missing)}", file=sys.stderr)
         return 2
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("error: the leaderboard's plots need matplotlib (pip install 'mmbench-merge[plots]')", file=sys.stderr)
+        return 2
     from . import build_leaderboard
 
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent) / "leaderboard"
