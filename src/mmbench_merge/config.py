@@ -126,7 +126,7 @@ class LoggerConfig:
     project: str = "mmbench-merge"
     entity: Optional[str] = None
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE in the environment wins)
-    # W&B files go to <run dir>/wandb/; project/entity default to WANDB_PROJECT / WANDB_ENTITY (conf/logger/wandb.yaml)
+    # files in <run dir>/wandb/; project/entity default to WANDB_PROJECT / WANDB_ENTITY (conf/logger/wandb.yaml)
     tags: List[str] = field(default_factory=list)
 
 
