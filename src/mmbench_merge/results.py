@@ -244,7 +244,8 @@ def format_summary(record: RunRecord, rows: list[dict], summary: dict) -> str:
     """The short table a run prints when it ends: what ran, the merge totals, each score and the averages."""
     fields = record.row_fields()
     params = ", ".join(f"{k}={v}" for k, v in fields["params"].items())
-    scaling = f"scaling={fields['scaling']}" if fields["scaling"] is not None else ""
+    reference = fields["method"] in ("base", "expert")  # evaluated unchanged: no scaling applies
+    scaling = f"scaling={fields['scaling']}" if fields["scaling"] is not None and not reference else ""
     what = ", ".join(p for p in (scaling, params) if p)
     lines = [f"== {fields['model']} / {fields['method']}" + (f" ({what})" if what else "")
              + f": {summary.get('status', record.status)} in {summary.get('duration_s', 0):.1f}s"]  # fmt: skip
