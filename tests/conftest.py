@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# W&B keeps state outside the run directory (config, cache, artifacts): keep tests out of the user's folders.
+_wandb_home = Path(tempfile.mkdtemp(prefix="mmbench-wandb-"))
+for _var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+    os.environ[_var] = str(_wandb_home / _var.lower())
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,7 @@ class LoggerConfig:
     project: str = "mmbench-merge"
     entity: Optional[str] = None
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE in the environment wins)
+    # files in <run dir>/wandb/; project/entity default to WANDB_PROJECT / WANDB_ENTITY (conf/logger/wandb.yaml)
     tags: List[str] = field(default_factory=list)
 
 
@@ -186,7 +187,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_merged: bool = False  # write the merged checkpoint to <run dir>/merged/
-    rerun: bool = False  # run again even if this run directory already holds results for the same config
+    rerun: bool = False  # run again even if complete results for the same resolved config exist under runs_dir
+    runs_dir: str = "runs"  # where runs are written and where completed runs are looked up (skip-on-rerun)
     shard_size_mb: float = 2000.0  # merged checkpoints are written in shards of at most this many MB
 
 

@@ -67,7 +67,8 @@ class Expert:
         if self.adapter is not None:
             delta = self.adapter.delta(name, device)
             return delta if delta is not None else torch_zeros_like(base_value)
-        return self.weights.get(name).to(device=device, dtype=base_value.dtype) - base_value
+        # In place: one float32 buffer per expert, no extra temporary.
+        return self.weights.get(name).to(device=device, dtype=base_value.dtype).sub_(base_value)
 
 
 def torch_zeros_like(t):
