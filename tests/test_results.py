@@ -180,7 +180,7 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(tiny_conf, tmp_path):
 
 def test_a_failed_run_says_so_and_is_not_done(tiny_conf, tmp_path):
     runs = tmp_path / "runs"
-    args = ["--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}", "logger=none",
+    args = ["--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", "method=ties", f"runs_dir={runs}", "logger=none",
             f"model.base={tmp_path / 'missing'}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env, capture_output=True,
