@@ -83,3 +83,13 @@ def test_dare_ties_is_ties_of_the_dropped_vectors():
 def test_out_of_range_hyperparameters_fail_clearly(name, kwargs):
     with pytest.raises(ValueError, match=r"method\.(density|drop_rate) must be in"):
         get_method(name)(_random_task_vectors(), **kwargs)
+
+
+def test_weight_average_scaling_is_fixed():
+    from mmbench_merge import MergeError
+    from mmbench_merge.methods import resolve_method
+
+    _, kwargs, scaling = resolve_method({"name": "weight_average", "scaling": 1.0}, "full")
+    assert (kwargs, scaling) == ({}, 1.0)
+    with pytest.raises(MergeError, match="method.scaling: weight_average has its scaling fixed at 1.0"):
+        resolve_method({"name": "weight_average", "scaling": 0.5}, "full")

@@ -63,6 +63,10 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 _NOT_HYPERPARAMETERS = {"name", "scaling", "expert"}
 
+# Weight Average is the mean of the experts: theta_0 + 1 * mean(tau_i). Another scaling would make it Task
+# Arithmetic with a different coefficient, so it is refused rather than silently recorded under this name.
+FIXED_SCALING = {"weight_average": 1.0}
+
 
 def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, float]:
     """(function, keyword arguments, scaling) for a method config; null values come from the presets."""
@@ -83,6 +87,9 @@ def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, flo
     scaling = method_cfg.get("scaling")
     if scaling is None:
         scaling = preset.get("scaling", 1.0)
+    if name in FIXED_SCALING and scaling != FIXED_SCALING[name]:
+        raise MergeError(f"method.scaling: {name} has its scaling fixed at {FIXED_SCALING[name]} (got {scaling}); "
+                         "sweep scaling with task_arithmetic instead")  # fmt: skip
     from_preset = sorted(k for k, v in method_cfg.items() if v is None and k in preset)
     # The composed config shows null for preset values: say once what the run actually uses.
     values = " ".join([f"scaling={scaling}", *(f"{k}={v}" for k, v in kwargs.items())])
