@@ -1,0 +1,46 @@
+"""Evaluation through lmms-eval: task YAMLs shipped in this package, one entry point per evaluator.
+
+    evaluate(cfg, prepared, device) -> list[TaskScore]
+
+`evaluator=lmms_eval` builds the lmms-eval backend of the model's family in this process and, for a merge
+kept in memory, copies the merged weights into it (no checkpoint written); `evaluator=vllm` evaluates a
+written checkpoint with lmms-eval's vLLM backend. Either way a task that lmms-eval did not score, or an
+error lmms-eval only logged, fails the run: lmms-eval itself carries on (and exits 0) after many crashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+@dataclass
+class TaskScore:
+    task: str  # lmms-eval task name
+    category: str
+    metric: str
+    label: str
+    value: float  # 0-100
+    n_samples: int
+
+
+def evaluate(cfg, prepared, device: str) -> list[TaskScore]:
+    """Scores of every task of cfg.suite for the prepared model (runner.PreparedModel)."""
+    from .. import MergeError
+
+    name = cfg.evaluator.name
+    if name == "none" or not cfg.suite.tasks:
+        if name != "none":
+            raise MergeError(f"suite={cfg.suite.name}: no tasks to evaluate with evaluator={name}")
+        return []
+    if name == "lmms_eval":
+        from .lmms import evaluate_in_process
+
+        return evaluate_in_process(cfg, prepared, device)
+    if name == "vllm":
+        from .vllm_eval import evaluate_with_vllm
+
+        return evaluate_with_vllm(cfg, prepared, device)
+    raise MergeError(f"evaluator.name: unknown evaluator {name!r}; known: none, lmms_eval, vllm")
