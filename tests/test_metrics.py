@@ -218,3 +218,15 @@ def test_mathvision_rule_checker():
     assert m.mathvision_score("\\boxed{12}", free) == 1.0
     assert m.mathvision_score("\\boxed{13}", free) == 0.0
     assert not math.isnan(m.mathvision_score("", free))
+
+
+def test_multiple_choice_accuracy():
+    choices = ["3", "4", "5"]
+    assert m.multiple_choice_accuracy("B", choices, "B") == 1.0
+    assert m.multiple_choice_accuracy("(B)", choices, "B") == 1.0
+    assert m.multiple_choice_accuracy("The answer is B.", choices, "B") == 1.0
+    assert m.multiple_choice_accuracy("4", choices, "B") == 1.0  # the option's text alone
+    assert m.multiple_choice_accuracy("A", choices, "B") == 0.0
+    assert m.multiple_choice_accuracy("D", choices, "B") == 0.0  # not an option
+    assert m.multiple_choice_accuracy("3 or 4", choices, "B") == 0.0  # two options named
+    assert m.multiple_choice_accuracy("", choices, "B") == 0.0

@@ -117,6 +117,7 @@ class EvaluatorConfig:
     backend: Optional[str] = None  # lmms-eval model backend; None = chosen from the model's family
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra backend arguments
     max_new_tokens: Optional[int] = None  # overrides every task's generation length
+    log_samples: bool = False  # write every model answer to <run dir>/samples.jsonl
     judge: Optional[str] = None  # LLM that extracts MathVista / MathVision answers (default: rule-based)
     # vLLM only
     tensor_parallel_size: int = 1

@@ -45,7 +45,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     prepared = prepare_model(cfg, run_dir, device)
-    rows = evaluate(cfg, prepared, device)
+    rows = evaluate(cfg, prepared, device, run_dir=run_dir)
     summary = {"run_dir": str(run_dir), "model": cfg.model.name, "method": cfg.method.name, "started_at": started_at}
     if prepared.report is not None:
         summary["merge"] = prepared.report["totals"]
@@ -145,12 +145,22 @@ def reference_model(cfg: DictConfig, method_cfg: dict, run_dir: Path, device: st
 
 
 # ------------------------------------------------------------------------------------------ evaluate / record
-def evaluate(cfg: DictConfig, prepared: PreparedModel, device: str) -> list[dict]:
-    """Task-level row fields (category, task, metric, value, n_samples) of every task, then the avg: rows."""
+def evaluate(cfg: DictConfig, prepared: PreparedModel, device: str, run_dir: Path | None = None) -> list[dict]:
+    """Task-level row fields (category, task, metric, value, n_samples) of every task, then the avg: rows.
+
+    With evaluator.log_samples and a run_dir, every model answer also goes to <run_dir>/samples.jsonl.
+    """
+    import json
+
     from .evaluation import evaluate as evaluate_suite
     from .evaluation.rows import score_rows
+    from .results import write_text_atomic
 
-    return score_rows(evaluate_suite(cfg, prepared, device))
+    scores = evaluate_suite(cfg, prepared, device)
+    if run_dir is not None and any(s.samples for s in scores):
+        lines = [json.dumps({"task": s.task, **sample}, default=str) for s in scores for sample in s.samples]
+        write_text_atomic(Path(run_dir) / "samples.jsonl", "\n".join(lines) + "\n")
+    return score_rows(scores)
 
 
 def record(cfg: DictConfig, run_dir: Path, rows: list[dict], started_at: str, duration_s: float) -> None:

@@ -10,7 +10,7 @@ error lmms-eval only logged, fails the run: lmms-eval itself carries on (and exi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -24,6 +24,7 @@ class TaskScore:
     label: str
     value: float  # 0-100
     n_samples: int
+    samples: list[dict] = field(default_factory=list)  # with evaluator.log_samples: doc_id, target, response, score
 
 
 def evaluate(cfg, prepared, device: str) -> list[TaskScore]:

@@ -115,7 +115,7 @@ def run_tasks(lm, task_manager, cfg) -> list[TaskScore]:
             limit=ev.limit,
             batch_size=ev.batch_size,
             task_manager=task_manager,
-            log_samples=False,
+            log_samples=bool(ev.log_samples),
             gen_kwargs=gen_kwargs,
             bootstrap_iters=0,
             verbosity="WARNING",
@@ -148,9 +148,20 @@ def scores_from_results(results, tasks) -> list[TaskScore]:
         n = (results.get("n-samples") or {}).get(spec.name, {}).get("effective")
         if not n:
             raise MergeError(f"task {spec.name}: evaluated no samples")
+        samples = [
+            {"doc_id": s.get("doc_id"), "target": s.get("target"), "response": _first(s.get("filtered_resps")),
+             spec.metric: s.get(spec.metric)}
+            for s in (results.get("samples") or {}).get(spec.name, [])
+        ]  # fmt: skip
         scores.append(TaskScore(spec.name, spec.category, spec.metric, spec.label or spec.name,
-                                float(value) * spec.scale, int(n)))  # fmt: skip
+                                float(value) * spec.scale, int(n), samples))  # fmt: skip
     return scores
+
+
+def _first(responses):
+    while isinstance(responses, (list, tuple)) and responses:
+        responses = responses[0]
+    return getattr(responses, "text", responses)
 
 
 @contextmanager

@@ -192,6 +192,18 @@ def _choice_letter(response: str, n_choices: int) -> int | None:
     return None
 
 
+def multiple_choice_accuracy(response: str, choices: Sequence[str], answer_letter: str) -> float:
+    """1.0 when the response states the gold option: its letter, or (no letter given) its text alone."""
+    response = (response or "").strip()
+    index = _choice_letter(response, len(choices))
+    if index is None:
+        contained = [i for i, c in enumerate(choices) if c and normalize_answer(c) in normalize_answer(response)]
+        if len(contained) != 1:
+            return 0.0
+        index = contained[0]
+    return float(chr(ord("A") + index) == str(answer_letter).strip().upper())
+
+
 def mathvista_extract(response: str, doc: dict) -> str | None:
     """Rule-based MathVista answer extraction, normalised to the answer's type (MathVista's own rules).
 

@@ -8,6 +8,8 @@ cache, whose path is known only at run time: they are rendered into a temporary 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from contextlib import ExitStack
@@ -16,7 +18,7 @@ from pathlib import Path
 from .. import MergeError
 from . import TASKS_DIR
 
-MINIBENCH_ROOT_PLACEHOLDER = "@MINIBENCH_ROOT@"
+MINIBENCH_DATA_PLACEHOLDER = "@MINIBENCH_DATA@"
 
 
 def include_paths(suite_cfg, stack: ExitStack) -> list[str]:
@@ -54,18 +56,39 @@ def task_manager_for(cfg, family, stack: ExitStack):
     return manager
 
 
+def minibench_profile(suite_cfg) -> str:
+    """suite.profile, else the profile the ${minibench:...} model paths use (MMBENCH_MINIBENCH_PROFILE)."""
+    from ..minibench import PROFILE_ENV
+
+    return suite_cfg.profile or os.environ.get(PROFILE_ENV) or "default"
+
+
 def render_minibench_tasks(suite_cfg, stack: ExitStack) -> Path:
-    """Copy the packaged MiniBench task directory with the built MiniBench's data root filled in."""
+    """The packaged MiniBench task directory with the built MiniBench's data filled in, in a temporary dir.
+
+    The build writes one `Dataset.save_to_disk` per split (data/<task>/<split>/); lmms-eval's
+    `load_from_disk` reads a DatasetDict, so each task gets a DatasetDict view: a dataset_dict.json next to
+    symlinks to the split directories (nothing is copied, the cache is not written to).
+    """
     from ..minibench import ensure_built
 
-    root = Path(ensure_built(suite_cfg.profile or "default"))
+    root = Path(ensure_built(minibench_profile(suite_cfg)))
     out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmbench-minibench-tasks-")))
-    source = TASKS_DIR / "minibench"
-    for path in source.iterdir():
-        if path.name == "__pycache__":
+    data = out / "data"
+    for task_dir in sorted((root / "data").iterdir()):
+        splits = sorted(p.name for p in task_dir.iterdir() if (p / "state.json").is_file())
+        if not splits:
             continue
+        view = data / task_dir.name
+        view.mkdir(parents=True)
+        for split in splits:
+            (view / split).symlink_to((task_dir / split).resolve(), target_is_directory=True)
+        (view / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+    tasks = out / "tasks"
+    tasks.mkdir()
+    for path in (TASKS_DIR / "minibench").iterdir():
         if path.suffix == ".yaml" or path.name.endswith("_yaml"):
-            (out / path.name).write_text(path.read_text().replace(MINIBENCH_ROOT_PLACEHOLDER, str(root)))
+            (tasks / path.name).write_text(path.read_text().replace(MINIBENCH_DATA_PLACEHOLDER, str(data)))
         elif path.is_file():
-            shutil.copy2(path, out / path.name)
-    return out
+            shutil.copy2(path, tasks / path.name)
+    return tasks
