@@ -107,7 +107,7 @@ def test_ocrvqa_rows_are_exploded_per_question():
     import datasets
     from PIL import Image
 
-    from mmbench_merge.evaluation.tasks.paper import utils  # noqa: F401  (importable as package data)
+    from mmbench_merge.evaluation.tasks.paper import utils
 
     ds = datasets.Dataset.from_dict({
         "image": [Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4))], "image_id": ["a", "b"],

@@ -30,7 +30,7 @@ def _load(path):
 def test_loaded_state_equals_from_pretrained(two_checkpoints):
     a, b = two_checkpoints
     ckpt = SafetensorsCheckpoint(b)
-    state = {name: ckpt.get(name) for name in ckpt.keys()}  # checkpoint names (e.g. Qwen2-VL's model.layers.*)
+    state = {name: ckpt.get(name) for name in ckpt.keys()}  # noqa: SIM118 (not a dict)  # checkpoint names (e.g. Qwen2-VL's model.layers.*)
     model = _load(a)
     assert load_into_model(model, state) == len(state)
     reference = _load(b).state_dict()
@@ -45,7 +45,7 @@ def test_loaded_state_equals_from_pretrained(two_checkpoints):
 def test_unknown_or_missing_tensor_is_an_error(two_checkpoints):
     a, b = two_checkpoints
     ckpt = SafetensorsCheckpoint(b)
-    state = {name: ckpt.get(name) for name in ckpt.keys()}
+    state = {name: ckpt.get(name) for name in ckpt.keys()}  # noqa: SIM118 (not a dict)
     model = _load(a)
     renamed = dict(state)
     first = next(iter(renamed))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import difflib
 import re
 import string
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from statistics import mean
-from typing import Iterable, Sequence
 
 # ------------------------------------------------------------------------------------------ VQA accuracy
 VQA_ANNOTATORS = 10  # VQA accuracy is defined over ten human answers
