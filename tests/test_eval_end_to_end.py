@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["VQA", "Geometry", "Chart", "OCR", "Grounding"]
-LIMIT = 2
+LIMIT = 1
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,37 @@ def test_cli_defaults_end_to_end(micro_env, tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert bad.returncode == 2 and "error: task minibench_vqa" in bad.stderr
     assert not (tmp_path / "bad" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("backend, family", [("qwen2_vl", "qwen2_vl"), ("internvl_hf", "internvl")])
+def test_minibench_tasks_prompt_and_score_the_trained_format(micro_env, backend, family):
+    """Each MiniBench task prompts with minibench.prompts and gives full marks to the answer the model was
+    trained to give (prompts.target), in each family's format; a wrong answer scores 0."""
+    from contextlib import ExitStack
+
+    import datasets
+    from lmms_eval.tasks import TaskManager
+
+    from mmbench_merge.evaluation.suites import render_minibench_tasks
+    from mmbench_merge.minibench import prompts
+
+    suite = compose("suite=minibench").suite
+    with ExitStack() as stack:
+        manager = TaskManager("WARNING", include_path=str(render_minibench_tasks(suite, stack)),
+                              include_defaults=False)  # fmt: skip
+        for spec in suite.tasks:
+            task = spec.name.removeprefix("minibench_")
+            config = manager._get_config(spec.name)
+            assert [m["metric"] for m in config["metric_list"]] == [spec.metric]
+            kwargs = config["lmms_eval_specific_kwargs"][backend]
+            docs = datasets.load_from_disk(f"{config['dataset_path']}")["test"]  # the DatasetDict view
+            assert len(docs) == len(datasets.load_from_disk(str(micro_env["root"] / "data" / task / "test")))
+            for doc in docs:
+                assert config["doc_to_text"](doc, kwargs) == prompts.prompt(task, family, doc)
+                gold = prompts.target(task, family, doc)
+                assert config["process_results"](doc, [gold]) == {spec.metric: 1.0}, (task, gold)
+                if task == "grounding":  # as decoded: Qwen2-VL's box tokens are special tokens
+                    plain = gold.replace("<|box_start|>", "").replace("<|box_end|>", "")
+                    assert config["process_results"](doc, [plain]) == {spec.metric: 1.0}
+                wrong = "[[0, 0, 1, 1]]" if task == "grounding" else "zzz"
+                assert config["process_results"](doc, [wrong]) == {spec.metric: 0.0}

@@ -126,3 +126,33 @@ def test_general_suite_names_lmms_eval_tasks():
         assert spec.name in manager.all_tasks, spec.name
         metrics = [m["metric"] for m in manager._get_config(spec.name).get("metric_list", [])]
         assert spec.metric in metrics, (spec.name, metrics)
+
+
+def _cfg(evaluator, suite=PAPER):
+    return OmegaConf.create({"evaluator": OmegaConf.load(REPO / f"conf/evaluator/{evaluator}.yaml"), "suite": suite})
+
+
+def test_evaluator_checks_fail_before_merging():
+    from mmbench_merge import MergeError
+    from mmbench_merge.evaluation import check
+
+    with pytest.raises(MergeError, match="evaluator=vllm runs on a GPU"):
+        check(_cfg("vllm"), "cpu")
+    with pytest.raises(MergeError, match="no tasks"):
+        check(_cfg("lmms_eval", OmegaConf.load(REPO / "conf/suite/none.yaml")), "cpu")
+    check(_cfg("lmms_eval"), "cpu")
+    check(_cfg("none", OmegaConf.load(REPO / "conf/suite/none.yaml")), "cpu")
+
+
+def test_vllm_backend_arguments():
+    from mmbench_merge.evaluation.vllm_eval import vllm_kwargs
+
+    cfg = _cfg("vllm")
+    cfg.model = {"dtype": "bfloat16", "family": "qwen2_vl"}
+    cfg.evaluator.tensor_parallel_size = 2
+    cfg.evaluator.max_pixels = 1003520
+    kwargs = vllm_kwargs(cfg, "/ckpt")
+    assert kwargs["model"] == "/ckpt" and kwargs["tensor_parallel_size"] == 2 and kwargs["max_pixels"] == 1003520
+    assert kwargs["gpu_memory_utilization"] == 0.8 and kwargs["trust_remote_code"] is False
+    cfg.model.family = "internvl_chat"
+    assert vllm_kwargs(cfg, "/ckpt")["trust_remote_code"] is True

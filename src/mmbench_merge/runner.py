@@ -44,6 +44,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    check_evaluator(cfg, device)
     prepared = prepare_model(cfg, run_dir, device)
     rows = evaluate(cfg, prepared, device, run_dir=run_dir)
     summary = {"run_dir": str(run_dir), "model": cfg.model.name, "method": cfg.method.name, "started_at": started_at}
@@ -145,6 +146,13 @@ def reference_model(cfg: DictConfig, method_cfg: dict, run_dir: Path, device: st
 
 
 # ------------------------------------------------------------------------------------------ evaluate / record
+def check_evaluator(cfg: DictConfig, device: str) -> None:
+    """Before merging: the evaluator can run here (e.g. vLLM needs a GPU) and the suite has tasks."""
+    from .evaluation import check
+
+    check(cfg, device)
+
+
 def evaluate(cfg: DictConfig, prepared: PreparedModel, device: str, run_dir: Path | None = None) -> list[dict]:
     """Task-level row fields (category, task, metric, value, n_samples) of every task, then the avg: rows.
 

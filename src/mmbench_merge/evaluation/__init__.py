@@ -27,21 +27,37 @@ class TaskScore:
     samples: list[dict] = field(default_factory=list)  # with evaluator.log_samples: doc_id, target, response, score
 
 
-def evaluate(cfg, prepared, device: str) -> list[TaskScore]:
-    """Scores of every task of cfg.suite for the prepared model (runner.PreparedModel)."""
+EVALUATORS = ("none", "lmms_eval", "vllm")
+
+
+def check(cfg, device: str) -> None:
+    """Fail before merging when the evaluator cannot run here (one clear line, no wasted merge)."""
     from .. import MergeError
 
     name = cfg.evaluator.name
-    if name == "none" or not cfg.suite.tasks:
-        if name != "none":
-            raise MergeError(f"suite={cfg.suite.name}: no tasks to evaluate with evaluator={name}")
+    if name not in EVALUATORS:
+        raise MergeError(f"evaluator.name: unknown evaluator {name!r}; known: {', '.join(EVALUATORS)}")
+    if name != "none" and not cfg.suite.tasks:
+        raise MergeError(f"suite={cfg.suite.name}: no tasks to evaluate with evaluator={name}")
+    if name == "vllm":
+        if not device.startswith("cuda"):
+            raise MergeError(f"evaluator=vllm runs on a GPU (device is {device}); use evaluator=lmms_eval on CPU")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise MergeError("evaluator=vllm: vLLM is not installed (pip install 'mmbench-merge[vllm]')")
+
+
+def evaluate(cfg, prepared, device: str) -> list[TaskScore]:
+    """Scores of every task of cfg.suite for the prepared model (runner.PreparedModel)."""
+    check(cfg, device)
+    name = cfg.evaluator.name
+    if name == "none":
         return []
     if name == "lmms_eval":
         from .lmms import evaluate_in_process
 
         return evaluate_in_process(cfg, prepared, device)
-    if name == "vllm":
-        from .vllm_eval import evaluate_with_vllm
+    from .vllm_eval import evaluate_with_vllm
 
-        return evaluate_with_vllm(cfg, prepared, device)
-    raise MergeError(f"evaluator.name: unknown evaluator {name!r}; known: none, lmms_eval, vllm")
+    return evaluate_with_vllm(cfg, prepared, device)
