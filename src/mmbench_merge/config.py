@@ -147,7 +147,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_merged: bool = False  # write the merged checkpoint to <run dir>/merged/
     rerun: bool = False  # run again even if this run directory already holds results for the same config
-    shard_size_mb: int = 2000  # merged checkpoints are written in shards of at most this size
+    shard_size_mb: float = 2000.0  # merged checkpoints are written in shards of at most this many MB
 
 
 METHOD_SCHEMAS: Dict[str, type] = {

@@ -250,7 +250,7 @@ def merge_model(
     device: str = "auto",
     out_dir: Path | None = None,
     keep_in_memory: bool = False,
-    shard_size_mb: int = 2000,
+    shard_size_mb: float = 2000.0,
     progress: bool = False,
 ) -> MergeResult:
     """Merge the experts of `model_cfg` with `method_cfg`; write to `out_dir` and/or keep the weights in memory."""
@@ -266,7 +266,7 @@ def merge_model(
     files_from = _files_source(model_cfg, base.path, expert_paths)
 
     report = MergeReport(method_cfg["name"], scaling, device, {e.key: e.kind for e in experts})
-    writer = ShardedWriter(out_dir, list(iter_layout(base)), shard_size_mb * 2**20) if out_dir else None
+    writer = ShardedWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20)) if out_dir else None
     state_dict = {} if keep_in_memory else None
     started = time.perf_counter()
     try:
