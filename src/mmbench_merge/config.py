@@ -173,3 +173,17 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     for name, schema in METHOD_SCHEMAS.items():
         cs.store(group="method", name=f"{name}_schema", node=schema)
+    register_resolvers()
+
+
+def _minibench_path(family: str, item: str) -> str:
+    from .minibench import resolve_path  # lazy: builds the MiniBench on first use, torch only then
+
+    return resolve_path(family, item)
+
+
+def register_resolvers() -> None:
+    """`${minibench:family,item}` (conf/model/mini_*.yaml): a path in the built MiniBench."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("minibench", _minibench_path, replace=True)
