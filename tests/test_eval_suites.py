@@ -156,3 +156,29 @@ def test_vllm_backend_arguments():
     assert kwargs["gpu_memory_utilization"] == 0.8 and kwargs["trust_remote_code"] is False
     cfg.model.family = "internvl_chat"
     assert vllm_kwargs(cfg, "/ckpt")["trust_remote_code"] is True
+
+
+def test_paper_process_docs_on_small_datasets():
+    """The dataset hooks on a few rows shaped like the hub datasets: RefCOCO boxes, geometry subsets."""
+    import datasets
+    from PIL import Image
+
+    from mmbench_merge.evaluation.tasks.paper import utils
+
+    ref = datasets.Dataset.from_dict({
+        "image": [Image.new("RGB", (200, 100))], "bbox": [[20.0, 10.0, 100.0, 50.0]],  # x, y, w, h in pixels
+        "answer": [["the left dog", "dog on the left"]], "question_id": ["1"],
+    })  # fmt: skip
+    rows = utils.refcoco_process_docs(ref)
+    assert rows["answer"] == ["the left dog", "dog on the left"]
+    assert rows[0]["bbox"] == pytest.approx([0.1, 0.1, 0.6, 0.6])  # x1, y1, x2, y2 in 0-1
+    assert utils.refcoco_results(rows[0], ["[[100, 100, 600, 600]]"]) == {"acc_iou50": 1.0}
+
+    vista = datasets.Dataset.from_dict({"pid": ["1", "2", "3"], "metadata": [
+        {"skills": ["algebraic reasoning"], "task": "math word problem"},
+        {"skills": ["statistical reasoning"], "task": "figure question answering"},
+        {"skills": ["arithmetic reasoning"], "task": "geometry problem solving"},
+    ]})  # fmt: skip
+    assert utils.mathvista_process_docs(vista)["pid"] == ["1", "3"]
+    vision = datasets.Dataset.from_dict({"id": ["1", "2"], "subject": ["solid geometry", "graph theory"]})
+    assert utils.mathvision_process_docs(vision)["id"] == ["1"]
