@@ -37,6 +37,7 @@ def evaluate_in_process(cfg, prepared, device: str) -> list[TaskScore]:
             from .weights import load_into_model
 
             n = load_into_model(lm.model, prepared.state_dict, source="merged weights (in memory)")
+            prepared.state_dict.clear()  # copied into the model: free the second copy before generating
             log.info("evaluating the merged weights in memory (%d tensors) with lmms-eval backend %s", n, backend_name)
         else:
             log.info("evaluating %s with lmms-eval backend %s", pretrained, backend_name)
