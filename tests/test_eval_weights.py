@@ -1,6 +1,7 @@
 """In-memory merged weights go into a loaded model exactly as from_pretrained would load them from disk."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,30 @@ def test_score_rows_averages():
     assert math.isclose(by_task["avg:all"]["value"], (40 + 60 + 90) / 3, abs_tol=1e-4)
     assert by_task["avg:all"]["category"] == "all" and by_task["avg:all"]["metric"] == "average"
     assert score_rows([]) == []
+
+
+def test_model_view_takes_weights_from_one_dir_and_files_from_another(tmp_path):
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    from mmbench_merge.evaluation.lmms import model_view
+
+    weights, files = tmp_path / "weights", tmp_path / "files"
+    for d in (weights, files):
+        d.mkdir()
+        (d / "model.safetensors").write_text(f"weights of {d.name}")
+        (d / "config.json").write_text(f"config of {d.name}")
+    (weights / "model.safetensors.index.json").write_text("index of weights")
+    (files / "tokenizer.json").write_text("tokenizer of files")
+    (files / "chat_template.jinja").write_text("template of files")
+    with ExitStack() as stack:
+        same = model_view(SimpleNamespace(model_dir=weights, base_dir=weights, files_dir=weights), stack)
+        assert same == str(weights)  # nothing to combine
+        view = Path(model_view(SimpleNamespace(model_dir=None, base_dir=weights, files_dir=files), stack))
+        contents = {p.name: p.read_text() for p in view.iterdir()}
+        assert contents == {
+            "model.safetensors": "weights of weights", "model.safetensors.index.json": "index of weights",
+            "config.json": "config of files", "tokenizer.json": "tokenizer of files",
+            "chat_template.jinja": "template of files",
+        }  # fmt: skip
+    assert not view.exists()  # a temporary directory, gone after the evaluation
