@@ -63,7 +63,7 @@ def minibench_profile(suite_cfg) -> str:
     return suite_cfg.profile or os.environ.get(PROFILE_ENV) or "default"
 
 
-def render_minibench_tasks(suite_cfg, stack: ExitStack) -> Path:
+def render_minibench_tasks(suite_cfg, stack: ExitStack, root: Path | None = None) -> Path:
     """The packaged MiniBench task directory with the built MiniBench's data filled in, in a temporary dir.
 
     The build writes one `Dataset.save_to_disk` per split (data/<task>/<split>/); lmms-eval's
@@ -72,7 +72,7 @@ def render_minibench_tasks(suite_cfg, stack: ExitStack) -> Path:
     """
     from ..minibench import ensure_built
 
-    root = Path(ensure_built(minibench_profile(suite_cfg)))
+    root = Path(root) if root is not None else Path(ensure_built(minibench_profile(suite_cfg)))
     out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmbench-minibench-tasks-")))
     data = out / "data"
     for task_dir in sorted((root / "data").iterdir()):
