@@ -19,12 +19,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"qwen2_vl": "mini_qwen2vl", "internvl": "mini_internvl"}
-GRID = {
+GRID = {  # scaling grids (a dict: per model.finetune); the paper searches {0.1, 0.3, 0.5, 0.7, 1.0, 1.5}
     "weight_average": [1.0],
-    "task_arithmetic": [0.3, 0.5, 0.7, 1.0],
+    "task_arithmetic": [0.3, 0.5, 1.0],
     "ties": [0.5, 1.0, 1.5],
-    "dare_ta": [0.3, 0.5, 0.7, 1.0],
+    "dare_ta": [0.3, 0.5, 1.0],
     "dare_ties": [0.5, 1.0, 1.5],
+    "tsv": [0.5, 1.0, 1.5],
+    "iso_c": [0.5, 1.0, 1.5],
+    "iso_cts": [0.5, 1.0, 1.5],
+    "wudi": [0.5, 1.0, 1.5],
+    "optmerge": {"full": [0.1, 0.2, 0.3], "lora": [0.5, 1.0, 1.5]},
 }
 
 
@@ -41,9 +46,13 @@ def compose(model: str, method: str, scaling: float | None):
 
 
 def grid_for(method: str, model: str) -> list[float]:
-    if method in GRID:
-        return GRID[method]
-    default = float(compose(model, method, None).method.scaling)  # a method added later: around its default
+    cfg = compose(model, method, None)
+    grid = GRID.get(method)
+    if isinstance(grid, dict):
+        return grid[cfg.model.finetune]
+    if grid:
+        return grid
+    default = float(cfg.method.scaling if cfg.method.scaling is not None else 1.0)  # a method added later
     return sorted({round(default * f, 3) for f in (0.5, 1.0, 1.5)})
 
 

@@ -101,7 +101,7 @@ def test_concurrent_builds_make_one_complete_root(micro):
     assert (root / "build.json").is_file()
     builds = (micro["cache"] / "minibench" / "builds.log").read_text().splitlines()
     assert len(builds) == 1, builds  # the second process waited on the lock and found the build complete
-    assert not [p for p in root.parent.iterdir() if ".tmp-" in p.name]  # no half-built leftovers
+    assert not [p for p in root.parent.iterdir() if ".partial" in p.name or ".tmp" in p.name]  # no leftovers
     for family in ("qwen2_vl", "internvl"):
         for task in ("base", *TASKS):
             assert (root / "logs" / f"{family}_{task}.jsonl").stat().st_size > 0  # loss curves
@@ -181,6 +181,29 @@ def _attribute(model, checkpoint_name: str) -> str:
     return next(k for k in model.state_dict() if k.endswith("layers." + suffix) and "language_model" in k)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "internvl"])
+def test_training_rows_are_the_single_prompt_then_target(micro, family):
+    """Batched training rows (prompts of different lengths) equal each prompt encoded alone + target + <|im_end|>,
+    whatever side the processor pads on (InternVLProcessor pads on the left by default)."""
+    import torch
+    from transformers import AutoProcessor
+
+    from mmbench_merge.minibench.train import encode_batch, encode_prompts
+
+    processor = AutoProcessor.from_pretrained(micro["root"] / family / "base")
+    docs = generate("vqa", 6, seed=0, split="test") + generate("geometry", 2, seed=0, split="test")
+    tasks = ["vqa"] * 6 + ["geometry"] * 2
+    batch = encode_batch(family, processor, tasks, docs)
+    eot = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i, (task, doc) in enumerate(zip(tasks, docs)):
+        alone = encode_prompts(family, processor, [task], [doc])["input_ids"][0]
+        target = processor.tokenizer(prompts.target(task, family, doc), add_special_tokens=False).input_ids + [eot]
+        n = int(batch["attention_mask"][i].sum())
+        assert torch.equal(batch["input_ids"][i, :n], torch.cat([alone, torch.tensor(target)]))
+        assert batch["labels"][i, len(alone) : n].tolist() == target
+        assert (batch["labels"][i, : len(alone)] == -100).all()
+
+
 # ------------------------------------------------------------------------------------------ evaluation backends
 def _backend_answer(backend_cls, kwargs, args_for, doc, task):
     from lmms_eval.api.instance import Instance
@@ -220,3 +243,25 @@ def test_lmms_eval_backend_generates_what_the_scorer_generates(micro, family):
     model, processor = load_model(path, family)
     expected = score_generate(model, processor, family, "chart", [doc], max_new_tokens=12)[0]
     assert answer.strip() == expected.strip()
+
+
+# ------------------------------------------------------------------------------------------ shipped copy
+def test_shipped_copy_matches_the_default_profile(monkeypatch, tmp_path):
+    """prebuilt/minibench/ is what `make minibench` builds for the current default profile, and the resolver
+    uses it without building anything (the cache stays empty)."""
+    from mmbench_merge.minibench import SHIPPED, resolve_path
+    from mmbench_merge.minibench.build import config_hash, get_profile
+
+    info = json.loads((SHIPPED / "build.json").read_text())
+    assert info["hash"] == config_hash(get_profile("default")), "prebuilt/minibench is stale: run `make minibench`"
+    monkeypatch.setenv("MMBENCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("MMBENCH_MINIBENCH_PROFILE", raising=False)
+    assert resolve_path("internvl", "grounding") == str(SHIPPED / "internvl" / "grounding")
+    assert resolve_path("qwen2_vl", "ocr_full") == str(SHIPPED / "qwen2_vl" / "ocr_full")
+    for family in ("qwen2_vl", "internvl"):
+        for item in ("base", *TASKS):
+            path = Path(resolve_path(family, item))
+            adapter = family == "qwen2_vl" and item != "base"
+            assert (path / ("adapter_config.json" if adapter else "config.json")).is_file(), path
+            assert any(path.glob("*.safetensors")), path
+    assert not list(tmp_path.iterdir())

@@ -55,9 +55,13 @@ PROFILES = {
     "micro": Profile("micro", train_n=8, test_n=4, base_steps=2, expert_steps=1, batch=2, base_lr=1e-3,
                      expert_lr=1e-3, lora_lr=1e-3, lora_r=4, hidden=64, layers=1, vision_depth=1, vocab=300),
     # The benchmark.
-    "default": Profile("default", train_n=2000, test_n=200, base_steps=1000, expert_steps=200, batch=32,
+    "default": Profile("default", train_n=2000, test_n=200, base_steps=900, expert_steps=250, batch=16,
                        base_lr=2e-3, expert_lr=7e-4, lora_lr=3e-3, lora_r=16, hidden=128, layers=4, vision_depth=2,
                        vocab=1024),
+    # The default with 3.3x the base training (the base's visual knowledge is what limits the experts).
+    "long": Profile("long", train_n=2000, test_n=200, base_steps=3000, expert_steps=300, batch=16,
+                    base_lr=2e-3, expert_lr=7e-4, lora_lr=3e-3, lora_r=16, hidden=128, layers=4, vision_depth=2,
+                    vocab=1024),
 }  # fmt: skip
 
 
@@ -142,8 +146,23 @@ def _task_batches(root: Path, task: str, profile: Profile):
 def save_model_dir(model, processor, path: Path) -> None:
     import torch
 
-    model.to(torch.float32).save_pretrained(path)
-    processor.save_pretrained(path)
+    def write(tmp: Path) -> None:
+        model.to(torch.float32).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    _atomic_dir(path, write)
+
+
+def _atomic_dir(path: Path, write) -> None:
+    """`write(tmp)` fills a temporary sibling that is then renamed to `path`: a model dir exists only complete."""
+    import os
+
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def lora_target(model) -> str:
@@ -167,11 +186,19 @@ def build_family(root: str, family: str, profile_name: str, position: int = 0) -
     processor = make_processor(family, AutoTokenizer.from_pretrained(root / "tokenizer"))
     out, logs = root / family, root / "logs"
     sizes = {"hidden": profile.hidden, "layers": profile.layers, "vision_depth": profile.vision_depth}
-    base = new_model(family, processor.tokenizer, profile.seed, **sizes)
-    train_loop(base, family, processor, _caption_batches(profile), steps=profile.base_steps, lr=profile.base_lr,
-               log_path=logs / f"{family}_base.jsonl", desc=f"{family} base", position=position)  # fmt: skip
-    save_model_dir(base, processor, out / "base")
+    if (out / "base").is_dir():  # resuming an interrupted build: every saved model dir is complete
+        from transformers import AutoModelForImageTextToText
+
+        base = AutoModelForImageTextToText.from_pretrained(out / "base", dtype=torch.float32)
+    else:
+        base = new_model(family, processor.tokenizer, profile.seed, **sizes)
+        train_loop(base, family, processor, _caption_batches(profile), steps=profile.base_steps,
+                   lr=profile.base_lr, log_path=logs / f"{family}_base.jsonl", desc=f"{family} base",
+                   position=position)  # fmt: skip
+        save_model_dir(base, processor, out / "base")
     for i, task in enumerate(TASKS):
+        if (out / task).is_dir() and (family != "qwen2_vl" or (out / f"{task}_full").is_dir()):
+            continue  # done before an interruption
         torch.manual_seed(profile.seed + 1 + i)
         batches = _task_batches(root, task, profile)
         desc, log_path = f"{family} {task}", logs / f"{family}_{task}.jsonl"
@@ -183,8 +210,11 @@ def build_family(root: str, family: str, profile_name: str, position: int = 0) -
             expert = get_peft_model(copy.deepcopy(base), config)
             train_loop(expert, family, processor, batches, steps=profile.expert_steps, lr=profile.lora_lr,
                        log_path=log_path, desc=desc, position=position)  # fmt: skip
-            expert.save_pretrained(out / task)
-            _relative_base(out / task)
+            def write_adapter(tmp: Path, expert=expert) -> None:
+                expert.save_pretrained(tmp)
+                _relative_base(tmp)
+
+            _atomic_dir(out / task, write_adapter)
             save_model_dir(expert.merge_and_unload(), processor, out / f"{task}_full")
         else:  # full fine-tuning, as the paper's InternVL experts
             expert = copy.deepcopy(base)
@@ -202,15 +232,34 @@ def _relative_base(adapter_dir: Path) -> None:
 
 
 def _family_worker(args) -> None:
+    _exit_with_parent()
     build_family(*args)
+
+
+def _exit_with_parent() -> None:
+    """A worker whose build was interrupted (parent killed) stops instead of training on as an orphan."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def build(root: Path, profile: Profile, parallel: bool = True) -> None:
     """Everything of `profile` into `root` (which must not exist yet); build.json is written last."""
     started = time.perf_counter()
-    root.mkdir(parents=True)
-    build_datasets(root, profile)
-    build_tokenizer(root, profile)
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "data.done").exists():  # resuming: datasets and tokenizer are kept once complete
+        build_datasets(root, profile)
+        build_tokenizer(root, profile)
+        (root / "data.done").write_text(config_hash(profile) + "\n")
     jobs = [(str(root), family, profile.name, i) for i, family in enumerate(FAMILIES)]
     if parallel:
         import multiprocessing as mp
@@ -221,23 +270,28 @@ def build(root: Path, profile: Profile, parallel: bool = True) -> None:
     else:
         for job in jobs:
             _family_worker(job)
+    (root / "data.done").unlink()
     info = {"profile": asdict(profile), "hash": config_hash(profile), "version": BUILD_VERSION,
             "build_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     (root / "build.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def build_atomic(final: Path, profile: Profile, parallel: bool = True) -> Path:
-    """Build into a temporary sibling, then rename into place: a crash leaves no half-built root behind."""
+    """Build into a partial sibling directory, then rename into place: `final` only ever exists complete.
+
+    An interrupted build leaves `.<name>.partial-<hash>/` behind, whose finished pieces (datasets, each model
+    directory, each written atomically) the next build of the same config resumes from.
+    """
     import os
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build(tmp, profile, parallel)
-        if final.exists():  # a previous build without build.json (interrupted by hand): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    partial = final.parent / f".{final.name}.partial-{config_hash(profile)}"
+    build(partial, profile, parallel)
+    if final.exists():  # an older build (another config, or `make minibench` rebuilding the shipped copy)
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, final)
     return final

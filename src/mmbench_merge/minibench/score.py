@@ -59,12 +59,11 @@ def generate(model, processor, family: str, task: str, docs: list[dict], batch_s
     from .train import encode_prompts
 
     tok = processor.tokenizer
-    tok.padding_side = "left"
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     answers = []
     for start in range(0, len(docs), batch_size):
         chunk = docs[start : start + batch_size]
-        inputs = encode_prompts(family, processor, [task] * len(chunk), chunk)
+        inputs = encode_prompts(family, processor, [task] * len(chunk), chunk, padding_side="left")
         if family == "internvl":
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.no_grad():

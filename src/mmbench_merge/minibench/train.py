@@ -47,12 +47,13 @@ def prompts_system() -> str:
     return SYSTEM_PROMPT
 
 
-def encode_prompts(family: str, processor, tasks: list[str], docs: list[dict]):
-    """Processor outputs (input_ids, pixel_values, ...) for the prompts of `docs`, left-padded, as evaluated."""
+def encode_prompts(family: str, processor, tasks: list[str], docs: list[dict], padding_side: str = "left"):
+    """Processor outputs (input_ids, pixel_values, ...) for the prompts of `docs`, padded, as evaluated."""
     texts = [processor.apply_chat_template(backend_messages(family, t, d), tokenize=False, add_generation_prompt=True)
              for t, d in zip(tasks, docs)]  # fmt: skip
     images = [backend_image(family, d["image"]) for d in docs]
-    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    # padding_side explicitly: InternVLProcessor pads on the left by default whatever the tokenizer says
+    return processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
 
 
 def encode_batch(family: str, processor, tasks: list[str], docs: list[dict]):
@@ -60,27 +61,29 @@ def encode_batch(family: str, processor, tasks: list[str], docs: list[dict]):
     import torch
 
     tok = processor.tokenizer
-    tok.padding_side = "right"
-    inputs = encode_prompts(family, processor, tasks, docs)
+    inputs = encode_prompts(family, processor, tasks, docs, padding_side="right")
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     targets = [tok(prompts.target(t, family, d), add_special_tokens=False).input_ids + [eot]
                for t, d in zip(tasks, docs)]  # fmt: skip
-    prompt_lens = inputs["attention_mask"].sum(1).tolist()
-    length = max(p + len(t) for p, t in zip(prompt_lens, targets))
+    keep = inputs["attention_mask"].bool()  # the prompt tokens of each row, wherever the padding went
+    prompt_ids = [inputs["input_ids"][i][keep[i]] for i in range(len(docs))]
+    length = max(len(p) + len(t) for p, t in zip(prompt_ids, targets))
     ids = torch.full((len(docs), length), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(docs), length), -100, dtype=torch.long)
     mask = torch.zeros((len(docs), length), dtype=torch.long)
-    for i, (p, t) in enumerate(zip(prompt_lens, targets)):
-        ids[i, :p] = inputs["input_ids"][i, :p]
-        ids[i, p : p + len(t)] = torch.tensor(t)
-        labels[i, p : p + len(t)] = torch.tensor(t)
-        mask[i, : p + len(t)] = 1
     batch = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     for key, value in batch.items():  # per-token side inputs (e.g. mm_token_type_ids): 0 over the target
         if value.shape == inputs["input_ids"].shape:
             padded = torch.zeros((len(docs), length), dtype=value.dtype)
-            padded[:, : value.shape[1]] = value
+            for i in range(len(docs)):
+                padded[i, : int(keep[i].sum())] = value[i][keep[i]]
             batch[key] = padded
+    for i, (p, t) in enumerate(zip(prompt_ids, targets)):
+        n = len(p)
+        ids[i, :n] = p
+        ids[i, n : n + len(t)] = torch.tensor(t)
+        labels[i, n : n + len(t)] = torch.tensor(t)
+        mask[i, : n + len(t)] = 1
     batch.update(input_ids=ids, attention_mask=mask, labels=labels)
     return batch
 
