@@ -92,7 +92,7 @@ def build_backend(backend_name: str, pretrained: str, cfg, device: str):
 
     try:
         cls = get_model(backend_name)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (import errors of any kind: one clear line)
         raise MergeError(f"evaluator.backend: lmms-eval has no usable backend {backend_name!r} ({exc})") from None
     lm = cls(**backend_kwargs(backend_name, pretrained, cfg, device))
     dtype = getattr(torch, cfg.model.dtype, None)

@@ -26,7 +26,7 @@ def checkpoint_names(model) -> dict[str, str]:
     by_identity = {id(t): name for name, t in placeholders.items()}
     try:
         reverted = revert_weight_conversion(model, placeholders)
-    except Exception:  # remote-code models without a conversion mapping
+    except Exception:  # noqa: BLE001 (remote-code models without a conversion mapping)
         return {name: name for name in names}
     mapping = {}
     for checkpoint_name, tensor in reverted.items():
