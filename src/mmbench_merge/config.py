@@ -142,13 +142,17 @@ class TaskSpec:
     category: str = MISSING  # VQA | Geometry | Chart | OCR | Grounding | ...
     metric: str = MISSING  # the headline metric key in lmms-eval's results
     label: Optional[str] = None  # column name in tables (defaults to name)
+    scale: float = 100.0  # lmms-eval's value x scale = the row's 0-100 value
 
 
 @dataclass
 class SuiteConfig:
     name: str = MISSING
     tasks: List[TaskSpec] = field(default_factory=list)
+    packaged: Optional[str] = None  # task YAMLs shipped in mmbench_merge/evaluation/tasks/<packaged>/
     include_path: Optional[str] = None  # extra directory of lmms-eval task YAMLs
+    lmms_eval_tasks: bool = False  # also index lmms-eval's own tasks (slow; suite=general needs it)
+    profile: Optional[str] = None  # MiniBench build profile (suite=minibench)
 
 
 @dataclass
@@ -158,7 +162,9 @@ class EvaluatorConfig:
     batch_size: int = 1
     backend: Optional[str] = None  # lmms-eval model backend; None = chosen from the model's family
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra backend arguments
-    max_new_tokens: Optional[int] = None
+    max_new_tokens: Optional[int] = None  # overrides every task's generation length
+    log_samples: bool = False  # write every model answer to <run dir>/samples.jsonl
+    judge: Optional[str] = None  # LLM that extracts MathVista / MathVision answers (default: rule-based)
     # vLLM only
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.8
@@ -220,3 +226,17 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     for name, schema in METHOD_SCHEMAS.items():
         cs.store(group="method", name=f"{name}_schema", node=schema)
+    register_resolvers()
+
+
+def _minibench_path(family: str, item: str) -> str:
+    from .minibench import resolve_path  # lazy: builds the MiniBench on first use, torch only then
+
+    return resolve_path(family, item)
+
+
+def register_resolvers() -> None:
+    """`${minibench:family,item}` (conf/model/mini_*.yaml): a path in the built MiniBench."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("minibench", _minibench_path, replace=True)

@@ -102,6 +102,7 @@ class TensorRecord:
 class MergeReport:
     method: str
     scaling: float
+    params: dict  # the method's hyperparameters as used (presets filled in)
     device: str
     experts: dict[str, str]  # key -> "full" | "lora_adapter"
     tensors: list[TensorRecord] = field(default_factory=list)
@@ -113,6 +114,7 @@ class MergeReport:
         return {
             "method": self.method,
             "scaling": self.scaling,
+            "params": self.params,
             "device": self.device,
             "experts": self.experts,
             "totals": {
@@ -264,9 +266,9 @@ def merge_model(
     fn, kwargs, scaling = resolve_method(method_cfg, model_cfg.finetune)
     selection = Selection(tuple(model_cfg.merge.include), tuple(model_cfg.merge.exclude))
     base, expert_paths, experts = open_model(model_cfg, family)
-    files_from = _files_source(model_cfg, base.path, expert_paths)
+    files_from = files_source(model_cfg, base.path, expert_paths)
 
-    report = MergeReport(method_cfg["name"], scaling, device, {e.key: e.kind for e in experts})
+    report = MergeReport(method_cfg["name"], scaling, kwargs, device, {e.key: e.kind for e in experts})
     writer = ShardedWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20)) if out_dir else None
     state_dict = {} if keep_in_memory else None
     started = time.perf_counter()
@@ -290,7 +292,8 @@ def merge_model(
     return MergeResult(report, merged_dir, state_dict)
 
 
-def _files_source(model_cfg, base_path: Path, expert_paths: dict[str, Path]) -> Path:
+def files_source(model_cfg, base_path: Path, expert_paths: dict[str, Path]) -> Path:
+    """Where the non-weight files (tokenizer, processor, chat template, remote code) come from."""
     if model_cfg.files_from == "base":
         return base_path
     if model_cfg.files_from not in expert_paths:

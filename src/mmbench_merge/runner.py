@@ -71,14 +71,17 @@ def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dic
     from .engine import resolve_device
 
     device = resolve_device(cfg.device)
+    check_evaluator(cfg, device)
     prepared = prepare_model(cfg, run_dir, device)
-    rows = evaluate(cfg, prepared, device)
+    rows = evaluate(cfg, prepared, device, run_dir=run_dir)
     summary = {"run_dir": str(run_dir), "run_id": record.run_id, "model": cfg.model.name,
                "method": cfg.method.name, "started_at": record.started_at, "status": "complete"}  # fmt: skip
     if prepared.report is not None:
         summary["merge"] = prepared.report["totals"]
     summary["duration_s"] = round(time.perf_counter() - t0, 2)
-    record_rows(run_dir, record, rows, summary)
+    # Rows carry the values the merge used (OptMerge's preset fills nulls of the composed config).
+    resolved = {"scaling": prepared.report["scaling"], "params": prepared.report["params"]} if prepared.report else {}
+    record_rows(run_dir, record, rows, summary, resolved)
     log_step(cfg, run_dir, record, rows, summary)
     print(format_summary(record, rows, summary), flush=True)
     return summary
@@ -101,19 +104,12 @@ def skip(run_dir: Path, record: RunRecord, done: Path, t0: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ evaluate / record
-def evaluate(cfg: DictConfig, prepared: PreparedModel, device: str) -> list[dict]:
-    """Task rows (and avg: rows) from the evaluator; evaluator=none records no task rows."""
-    if cfg.evaluator.name == "none":
-        return []
-    raise MergeError(f"evaluator={cfg.evaluator.name}: not available yet")
-
-
-def record_rows(run_dir: Path, record: RunRecord, rows: list[dict], summary: dict) -> None:
+def record_rows(run_dir: Path, record: RunRecord, rows: list[dict], summary: dict, resolved: dict | None = None) -> None:
     """run.json (complete), then results.jsonl last and atomically: its presence marks the run done.
 
     An evaluator=none run writes an empty results.jsonl: complete, with no task rows.
     """
-    run_fields = {**record.row_fields(), "duration_s": summary["duration_s"]}
+    run_fields = {**record.row_fields(), **(resolved or {}), "duration_s": summary["duration_s"]}
     rows = [{**run_fields, **{k: v for k, v in row.items() if v is not None or k not in run_fields}}
             for row in rows]  # fmt: skip
     record.finish(run_dir, "complete", summary["duration_s"], summary=summary)
@@ -140,16 +136,18 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
     if method in REFERENCE_METHODS:
         if cfg.evaluator.name == "none":
             raise MergeError(f"method={method}: evaluates an unmerged model and needs an evaluator (got evaluator=none)")
-        raise MergeError(f"method={method}: reference rows are not available yet")
+        return reference_model(cfg, method_cfg, run_dir, device)
 
-    write_to_disk = cfg.save_merged
+    # vLLM loads from disk; lmms-eval in this process takes the merged weights in memory unless asked to save.
+    write_to_disk = cfg.save_merged or cfg.evaluator.name == "vllm"
+    keep_in_memory = cfg.evaluator.name == "lmms_eval" and not write_to_disk
     result = merge_model(
         cfg.model,
         method_cfg,
         seed=cfg.seed,
         device=device,
         out_dir=run_dir / "merged" if write_to_disk else None,
-        keep_in_memory=False,
+        keep_in_memory=keep_in_memory,
         shard_size_mb=cfg.shard_size_mb,
         progress=True,
     )
@@ -161,4 +159,81 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
         totals["merged"], totals["tensors"], totals["kept"], totals["seconds"], totals["peak_rss_mb"],
         f"; checkpoint at {result.merged_dir}" if result.merged_dir else "",
     )  # fmt: skip
-    return PreparedModel(model_dir=result.merged_dir, state_dict=result.state_dict, report=report)
+    base_dir, files_dir = model_sources(cfg.model)
+    return PreparedModel(model_dir=result.merged_dir, base_dir=base_dir, files_dir=files_dir,
+                         state_dict=result.state_dict, report=report)  # fmt: skip
+
+
+def model_sources(model_cfg) -> tuple[Path, Path]:
+    """The base's directory and the directory tokenizer / processor / chat template come from (files_from)."""
+    from .checkpoints import resolve
+    from .engine import files_source
+
+    base_dir = resolve(model_cfg.base, model_cfg.revision)
+    key = model_cfg.files_from
+    expert_paths = {key: resolve(model_cfg.experts[key], model_cfg.revision)} if key in model_cfg.experts else {}
+    return base_dir, files_source(model_cfg, base_dir, expert_paths)
+
+
+def reference_model(cfg: DictConfig, method_cfg: dict, run_dir: Path, device: str) -> PreparedModel:
+    """method=base: the base unchanged; method=expert: one expert unchanged (same evaluation path as a merge).
+
+    The base is evaluated with the files of model.files_from (Qwen2-VL's base has no usable chat template).
+    A full expert is evaluated from its own directory; a LoRA adapter expert as base + its adapter, formed
+    by the engine (a one-expert weight average is theta_0 + tau_i) and kept in memory.
+    """
+    from .checkpoints import is_adapter_dir, resolve
+    from .engine import merge_model
+
+    base_dir, files_dir = model_sources(cfg.model)
+    if method_cfg["name"] == "base":
+        log.info("reference row: the base %s unchanged", base_dir)
+        return PreparedModel(model_dir=base_dir, base_dir=base_dir, files_dir=files_dir)
+    key = method_cfg.get("expert")
+    if key not in cfg.model.experts:
+        raise MergeError(f"method.expert: {key!r} is not an expert of model {cfg.model.name} ({', '.join(cfg.model.experts)})")
+    expert_dir = resolve(cfg.model.experts[key], cfg.model.revision)
+    if not is_adapter_dir(expert_dir):
+        log.info("reference row: expert %s (%s) unchanged", key, expert_dir)
+        return PreparedModel(model_dir=expert_dir, base_dir=base_dir, files_dir=expert_dir)
+    log.info("reference row: expert %s = base + its LoRA adapter (%s)", key, expert_dir)
+    one_expert = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    one_expert.experts = {key: cfg.model.experts[key]}
+    if one_expert.files_from not in ("base", key):
+        one_expert.files_from = "base"  # only for a written checkpoint; in memory, files_dir is used below
+    write_to_disk = cfg.save_merged or cfg.evaluator.name == "vllm"
+    result = merge_model(
+        one_expert, {"name": "weight_average", "scaling": 1.0}, seed=cfg.seed, device=device,
+        out_dir=run_dir / "merged" if write_to_disk else None, keep_in_memory=not write_to_disk,
+        shard_size_mb=cfg.shard_size_mb,
+    )  # fmt: skip
+    return PreparedModel(model_dir=result.merged_dir, base_dir=base_dir, files_dir=files_dir,
+                         state_dict=result.state_dict)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ evaluate / record
+def check_evaluator(cfg: DictConfig, device: str) -> None:
+    """Before merging: the evaluator can run here (e.g. vLLM needs a GPU) and the suite has tasks."""
+    from .evaluation import check
+
+    check(cfg, device)
+
+
+def evaluate(cfg: DictConfig, prepared: PreparedModel, device: str, run_dir: Path | None = None) -> list[dict]:
+    """Task-level row fields (category, task, metric, value, n_samples) of every task, then the avg: rows.
+
+    With evaluator.log_samples and a run_dir, every model answer also goes to <run_dir>/samples.jsonl.
+    """
+    import json
+
+    from .evaluation import evaluate as evaluate_suite
+    from .evaluation.rows import score_rows
+    from .results import write_text_atomic
+
+    if cfg.evaluator.name == "none":
+        return []  # merge-only run: complete, with no task rows
+    scores = evaluate_suite(cfg, prepared, device)
+    if run_dir is not None and any(s.samples for s in scores):
+        lines = [json.dumps({"task": s.task, **sample}, default=str) for s in scores for sample in s.samples]
+        write_text_atomic(Path(run_dir) / "samples.jsonl", "\n".join(lines) + "\n")
+    return score_rows(scores)

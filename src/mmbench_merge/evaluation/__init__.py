@@ -1,0 +1,63 @@
+"""Evaluation through lmms-eval: task YAMLs shipped in this package, one entry point per evaluator.
+
+    evaluate(cfg, prepared, device) -> list[TaskScore]
+
+`evaluator=lmms_eval` builds the lmms-eval backend of the model's family in this process and, for a merge
+kept in memory, copies the merged weights into it (no checkpoint written); `evaluator=vllm` evaluates a
+written checkpoint with lmms-eval's vLLM backend. Either way a task that lmms-eval did not score, or an
+error lmms-eval only logged, fails the run: lmms-eval itself carries on (and exits 0) after many crashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+@dataclass
+class TaskScore:
+    task: str  # lmms-eval task name
+    category: str
+    metric: str
+    label: str
+    value: float  # 0-100
+    n_samples: int
+    samples: list[dict] = field(default_factory=list)  # with evaluator.log_samples: doc_id, target, response, score
+
+
+EVALUATORS = ("none", "lmms_eval", "vllm")
+
+
+def check(cfg, device: str) -> None:
+    """Fail before merging when the evaluator cannot run here (one clear line, no wasted merge)."""
+    from .. import MergeError
+
+    name = cfg.evaluator.name
+    if name not in EVALUATORS:
+        raise MergeError(f"evaluator.name: unknown evaluator {name!r}; known: {', '.join(EVALUATORS)}")
+    if name != "none" and not cfg.suite.tasks:
+        raise MergeError(f"suite={cfg.suite.name}: no tasks to evaluate with evaluator={name}")
+    if name == "vllm":
+        if not device.startswith("cuda"):
+            raise MergeError(f"evaluator=vllm runs on a GPU (device is {device}); use evaluator=lmms_eval on CPU")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise MergeError("evaluator=vllm: vLLM is not installed (pip install 'mmbench-merge[vllm]')")
+
+
+def evaluate(cfg, prepared, device: str) -> list[TaskScore]:
+    """Scores of every task of cfg.suite for the prepared model (runner.PreparedModel)."""
+    check(cfg, device)
+    name = cfg.evaluator.name
+    if name == "none":
+        return []
+    if name == "lmms_eval":
+        from .lmms import evaluate_in_process
+
+        return evaluate_in_process(cfg, prepared, device)
+    from .vllm_eval import evaluate_with_vllm
+
+    return evaluate_with_vllm(cfg, prepared, device)

@@ -1,0 +1,168 @@
+"""Hooks for the paper suite's lmms-eval tasks (referenced as `!function utils.<name>` from the YAMLs).
+
+Prompts follow each family's training format; the family comes in through `lmms_eval_specific_kwargs`, which
+lmms-eval selects by the backend name we give the TaskManager (qwen2_vl, internvl_hf, internvl2, llava_hf).
+Scores come from mmbench_merge.evaluation.metrics (which calls lmms-eval's metric code where it has one).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mmbench_merge.evaluation import metrics
+
+SHORT_ANSWER = {
+    # Qwen2-VL experts were trained (LLaMA-Factory) on questions with this suffix.
+    "qwen": "\nPlease try to answer the question with short words or phrases if possible.",
+    # InternVL's own VQA evaluation prompt.
+    "internvl": "\nAnswer the question using a single word or phrase.",
+    "plain": "\nAnswer the question using a single word or phrase.",
+}
+UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
+GROUNDING = {
+    "qwen": "Please provide the bounding box coordinate of the region this sentence describes: {ref}",
+    "internvl": "Please provide the bounding box coordinate of the region this sentence describes: <ref>{ref}</ref>",
+    # lmms-eval's RefCOCO prompt for models that answer with 0-1 floats
+    "plain": (
+        "Bounding box coordinates are specified in the format (top-left x, top-left y, bottom-right x, "
+        "bottom-right y). All values are floating point numbers bounded between 0 and 1. Please provide the "
+        "bounding box coordinate of the region this sentence describes: {ref}"
+    ),
+}
+
+
+def _style(kwargs) -> str:
+    return (kwargs or {}).get("style", "plain")
+
+
+def image_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def decoded_image_visual(doc):
+    return [doc["decoded_image"].convert("RGB")]
+
+
+# ------------------------------------------------------------------------------------------ VQA / OCR / chart
+def short_answer_text(doc, lmms_eval_specific_kwargs=None):
+    return f"{doc['question']}{SHORT_ANSWER[_style(lmms_eval_specific_kwargs)]}"
+
+
+def vizwiz_text(doc, lmms_eval_specific_kwargs=None):
+    return f"{doc['question']}{UNANSWERABLE}{SHORT_ANSWER[_style(lmms_eval_specific_kwargs)]}"
+
+
+def vqa_acc_results(doc, results):
+    return {"vqa_acc": metrics.vqa_accuracy(results[0], list(doc["answers"] or []))}
+
+
+def exact_match_results(doc, results):
+    return {"exact_match": metrics.exact_match(results[0], doc["answer"])}
+
+
+def relaxed_acc_results(doc, results):
+    return {"relaxed_acc": metrics.relaxed_accuracy(results[0], doc["answer"])}
+
+
+def gqa_process_docs(dataset):
+    # lmms-eval's own: joins the testdev-balanced questions with the separately stored images
+    from lmms_eval.tasks.gqa.utils import gqa_process_docs as upstream
+
+    return upstream(dataset)
+
+
+def ocrvqa_process_docs(dataset):
+    """One row per (image, question, answer): howard-hou/OCR-VQA stores the questions of a cover together."""
+
+    def explode(batch):
+        out = {"image": [], "question": [], "answer": [], "image_id": []}
+        for image, image_id, questions, answers in zip(batch["image"], batch["image_id"], batch["questions"],
+                                                       batch["answers"]):  # fmt: skip
+            for question, answer in zip(questions, answers):
+                out["image"].append(image)
+                out["image_id"].append(image_id)
+                out["question"].append(question)
+                out["answer"].append(answer)
+        return out
+
+    return dataset.map(explode, batched=True, remove_columns=dataset.column_names)
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def _judge_model() -> str | None:
+    """An LLM judge only when configured (evaluator.judge sets MMBENCH_JUDGE_MODEL); rule-based otherwise."""
+    return os.environ.get("MMBENCH_JUDGE_MODEL") or None
+
+
+def mathvista_process_docs(dataset):
+    return dataset.filter(lambda doc: bool(metrics.mathvista_categories(doc)))
+
+
+def mathvista_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["query"]  # the benchmark's own prompt: hint + question + choices
+
+
+def mathvista_results(doc, results):
+    response = results[0]
+    if _judge_model():
+        response = _judge_extract(response, doc)
+    return {"geo_acc": {"score": metrics.mathvista_score(response, doc), "categories": metrics.mathvista_categories(doc)}}
+
+
+def _judge_extract(response: str, doc) -> str:
+    """Ask lmms-eval's LLM-judge server (API_TYPE / credentials from the environment) for the final answer."""
+    from lmms_eval.llm_judge import Request, ServerConfig, get_server
+
+    config = ServerConfig(model_name=_judge_model(), temperature=0.0, max_tokens=64)
+    server = get_server(server_name=os.environ.get("API_TYPE", "openai"), config=config)
+    prompt = (
+        "Extract the final answer from the response to the question. Reply with the answer only: an option's "
+        f"text for multiple choice, a number for numeric questions.\n\nQuestion: {doc['query']}\n\n"
+        f"Response: {response}\n\nExtracted answer:"
+    )
+    reply = server.evaluate(Request(messages=[{"role": "user", "content": prompt}], config=config))
+    if not reply.success:
+        raise RuntimeError(f"LLM judge failed: {reply.error}")
+    return reply.content.strip()
+
+
+def mathvision_process_docs(dataset):
+    return dataset.filter(lambda doc: bool(metrics.mathvision_categories(doc)))
+
+
+def mathvision_text(doc, lmms_eval_specific_kwargs=None):
+    options = doc["options"] or []
+    if options:
+        listed = "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(options))
+        return f"{doc['question']}\nChoices:\n{listed}\nAnswer with the option's letter from the given choices directly."
+    return f"{doc['question']}\nAnswer the question with a single number or expression."
+
+
+def mathvision_results(doc, results):
+    if _judge_model():
+        from lmms_eval.tasks.mathvision.utils import mathvision_gpt_eval_process_results
+
+        score = float(mathvision_gpt_eval_process_results(doc, results)["llm_as_judge_eval"])
+    else:
+        score = metrics.mathvision_score(results[0], doc)
+    return {"geo_acc": {"score": score, "categories": metrics.mathvision_categories(doc)}}
+
+
+def geometry_mean(items):
+    return metrics.category_mean(items)
+
+
+# ------------------------------------------------------------------------------------------ grounding
+def refcoco_process_docs(dataset):
+    # lmms-eval's own: boxes to [x1, y1, x2, y2] in 0-1 image coordinates, one row per referring expression
+    from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_preprocess_dataset
+
+    return refcoco_bbox_rec_preprocess_dataset(dataset)
+
+
+def refcoco_text(doc, lmms_eval_specific_kwargs=None):
+    return GROUNDING[_style(lmms_eval_specific_kwargs)].format(ref=doc["answer"])
+
+
+def refcoco_results(doc, results):
+    return {"acc_iou50": metrics.grounding_accuracy(results[0], doc["bbox"])}
