@@ -124,7 +124,7 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(tiny_conf, tmp_path):
 
     runs = tmp_path / "runs"
     env = wandb_env(tmp_path)
-    grid = ["-m", "--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}",
+    grid = ["-m", "--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}", "evaluator=none", "suite=none",
             "method=ties,task_arithmetic", "method.scaling=0.3,0.5"]  # fmt: skip
     first = run_py(*grid, env_extra=env)
     (sweep,) = (runs / "multirun").glob("*/*")
@@ -173,7 +173,7 @@ def test_grid_runs_once_then_is_skipped_then_rerun_forces(tiny_conf, tmp_path):
     assert len(collect_runs([runs])) == 4
 
     run_py("--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}", "logger=none", "method=ties",
-           "method.scaling=0.3", "rerun=true")  # fmt: skip
+           "method.scaling=0.3", "evaluator=none", "suite=none", "rerun=true")  # fmt: skip
     single = list((runs / "tiny_qwen2_vl" / "ties").glob("*"))
     assert len(single) == 1 and json.loads((single[0] / RUN_FILE).read_text())["status"] == "complete"
 

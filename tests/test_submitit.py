@@ -42,6 +42,8 @@ def test_grid_through_submitit_local(tiny_conf, tmp_path):
         "model=tiny_qwen2_vl",
         f"runs_dir={runs}",
         "logger=none",
+        "evaluator=none",
+        "suite=none",
         "method=ties,task_arithmetic",
         "method.scaling=0.5",
     ]
@@ -50,8 +52,8 @@ def test_grid_through_submitit_local(tiny_conf, tmp_path):
     (sweep,) = (runs / "multirun").glob("*/*")
     jobs = sorted(d for d in sweep.iterdir() if (d / RUN_FILE).exists())
     assert [j.name for j in jobs] == [
-        "0_logger=none,method.scaling=0.5,method=ties,model=tiny_qwen2_vl",
-        "1_logger=none,method.scaling=0.5,method=task_arithmetic,model=tiny_qwen2_vl",
+        "0_evaluator=none,logger=none,method.scaling=0.5,method=ties,model=tiny_qwen2_vl,suite=none",
+        "1_evaluator=none,logger=none,method.scaling=0.5,method=task_arithmetic,model=tiny_qwen2_vl,suite=none",
     ]
     pids = set()
     for job in jobs:
