@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import torch, hydra, transformers, lmms_eval; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $@
 
+# The main job on its embedded default: the offline MiniBench (mini_qwen2vl, optmerge, suite=minibench).
 demo: install
-	$(PY) -m mmbench_merge.fixtures .cache/fixtures >/dev/null
-	$(PY) run.py --config-dir .cache/fixtures/conf model=tiny_qwen2_vl method=ties save_merged=true
+	$(PY) run.py
 
 test: install
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
