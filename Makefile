@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench leaderboard clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: install
 
 bench: install
 	$(PY) bench/merge_memory.py
+
+# Every results.jsonl under runs/ -> runs/leaderboard/{leaderboard.md, leaderboard.html, *.png}
+leaderboard: install
+	$(PY) -m mmbench_merge.leaderboard runs/
 
 clean:
 	rm -rf .cache runs .pytest_cache

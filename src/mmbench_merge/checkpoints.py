@@ -2,8 +2,8 @@
 
 A checkpoint directory holds either full weights (``model.safetensors``, or shards listed in
 ``model.safetensors.index.json``) or a PEFT LoRA adapter (``adapter_config.json`` +
-``adapter_model.safetensors``). Reads are memory-mapped through ``safetensors.safe_open``; nothing here
-ever materialises a whole model.
+``adapter_model.safetensors``). Tensors are read one at a time with positioned reads at the offsets the
+safetensors header gives; nothing here ever materialises a whole model.
 """
 
 from __future__ import annotations
@@ -77,13 +77,16 @@ class SafetensorsCheckpoint:
             raise MergeError(
                 f"{self.path}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (and no {ADAPTER_CONFIG_NAME})"
             )
-        self._handles: dict[Path, object] = {}
         self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
         files = sorted(set(self._file_of.values())) if self._file_of else [single_file]
         file_of: dict[str, Path] = {}
         for file in files:
-            for name, (dtype, shape) in read_safetensors_header(file).items():
-                self._meta[name] = (dtype, shape)
+            data_start, header = _read_header(file)
+            for name, info in header.items():
+                self._meta[name] = (info["dtype"], tuple(info["shape"]))
+                begin, end = info["data_offsets"]
+                self._offsets[name] = (data_start + begin, data_start + end)
                 file_of[name] = file
         if self._file_of is not None:
             missing = sorted(set(self._file_of) - set(file_of))
@@ -115,17 +118,23 @@ class SafetensorsCheckpoint:
         return self._file_of[name]
 
     def get(self, name: str) -> "torch.Tensor":
-        """Load one tensor (a copy out of the memory map, in its stored dtype)."""
-        from safetensors import safe_open
+        """Load one tensor (in its stored dtype) with a plain positioned read.
 
-        file = self._file_of[name]
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        Not through a memory map: mapped pages stay in the process's resident set after use, which would make
+        the merge's footprint grow with the model instead of with its largest tensor.
+        """
+        import torch
 
-    def close(self) -> None:
-        self._handles.clear()
+        dtype, shape = self._meta[name]
+        start, end = self._offsets[name]
+        buffer = bytearray(end - start)
+        if buffer:
+            with open(self._file_of[name], "rb") as f:
+                f.seek(start)
+                if f.readinto(buffer) != len(buffer):
+                    raise MergeError(f"{self._file_of[name]}: tensor {name} is truncated")
+            return torch.frombuffer(buffer, dtype=torch_dtype(dtype)).reshape(shape)
+        return torch.empty(shape, dtype=torch_dtype(dtype))
 
 
 DTYPE_BYTES = {
@@ -136,18 +145,27 @@ DTYPE_BYTES = {
 
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) from a safetensors header, without touching the tensor data."""
+    _, header = _read_header(file)
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
+
+
+def _read_header(file: Path) -> tuple[int, dict]:
+    """(offset where the data section starts, the header without __metadata__)."""
     try:
         with open(file, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > 100_000_000:
                 raise ValueError(f"header length {header_len} is implausible")
             header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            if info.get("dtype") not in DTYPE_BYTES or "shape" not in info or len(info.get("data_offsets", ())) != 2:
+                raise ValueError(f"tensor {name} has a malformed entry {info}")
     except FileNotFoundError:
         raise MergeError(f"{file}: file not found") from None
-    except (struct.error, ValueError) as exc:
+    except (struct.error, ValueError, AttributeError) as exc:
         raise MergeError(f"{file}: not a safetensors file ({exc})") from exc
-    header.pop("__metadata__", None)
-    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
+    return 8 + header_len, header
 
 
 # ------------------------------------------------------------------------------------------ LoRA adapters

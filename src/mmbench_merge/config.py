@@ -37,7 +37,7 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = MISSING
-    scaling: float = 1.0  # merged = theta_0 + scaling * tau_m
+    scaling: Optional[float] = 1.0  # merged = theta_0 + scaling * tau_m; null = the method's preset (else 1.0)
 
 
 @dataclass
@@ -72,6 +72,52 @@ class DareTiesConfig(MethodConfig):
     scaling: float = 1.0
     drop_rate: float = 0.2
     density: float = 0.2
+
+
+@dataclass
+class TsvConfig(MethodConfig):
+    name: str = "tsv"
+    scaling: float = 1.0
+    rank_fraction: Optional[float] = None  # top singular triplets kept per task; null = 1 / number of experts
+
+
+@dataclass
+class IsoCConfig(MethodConfig):
+    name: str = "iso_c"
+    scaling: float = 1.0
+
+
+@dataclass
+class IsoCtsConfig(MethodConfig):
+    name: str = "iso_cts"
+    scaling: float = 1.0
+    common_fraction: float = 0.8  # share of min(m, n) given to the common subspace
+
+
+@dataclass
+class WudiConfig(MethodConfig):
+    name: str = "wudi"
+    scaling: float = 1.0
+    iters: int = 300
+    lr: float = 1e-5
+    optimizer: str = "adam"  # adam | sgd
+    init: str = "sum"  # sum | mean of the task vectors
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass
+class OptMergeConfig(MethodConfig):
+    """null = taken from methods.PRESETS["optmerge"][model.finetune] (full | lora)."""
+
+    name: str = "optmerge"
+    scaling: Optional[float] = None  # full 0.1, lora 1.0
+    rank_fraction: Optional[float] = None  # null = 1 / number of experts
+    center: Optional[bool] = None  # full true, lora false
+    init: Optional[str] = None  # full sum, lora mean
+    optimizer: Optional[str] = None  # full adam, lora sgd
+    lr: Optional[float] = None  # full 1e-5, lora 1e-4
+    momentum: Optional[float] = None  # sgd only: lora 0.9
+    iters: int = 300
 
 
 @dataclass
@@ -126,6 +172,7 @@ class LoggerConfig:
     project: str = "mmbench-merge"
     entity: Optional[str] = None
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE in the environment wins)
+    # files in <run dir>/wandb/; project/entity default to WANDB_PROJECT / WANDB_ENTITY (conf/logger/wandb.yaml)
     tags: List[str] = field(default_factory=list)
 
 
@@ -140,8 +187,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_merged: bool = False  # write the merged checkpoint to <run dir>/merged/
-    rerun: bool = False  # run again even if this run directory already holds results for the same config
-    shard_size_mb: int = 2000  # merged checkpoints are written in shards of at most this size
+    rerun: bool = False  # run again even if complete results for the same resolved config exist under runs_dir
+    runs_dir: str = "runs"  # where runs are written and where completed runs are looked up (skip-on-rerun)
+    shard_size_mb: float = 2000.0  # merged checkpoints are written in shards of at most this many MB
 
 
 METHOD_SCHEMAS: Dict[str, type] = {
@@ -150,6 +198,11 @@ METHOD_SCHEMAS: Dict[str, type] = {
     "ties": TiesConfig,
     "dare_ta": DareTaConfig,
     "dare_ties": DareTiesConfig,
+    "tsv": TsvConfig,
+    "iso_c": IsoCConfig,
+    "iso_cts": IsoCtsConfig,
+    "wudi": WudiConfig,
+    "optmerge": OptMergeConfig,
     "base": BaseModelConfig,
     "expert": ExpertModelConfig,
 }

@@ -67,7 +67,8 @@ class Expert:
         if self.adapter is not None:
             delta = self.adapter.delta(name, device)
             return delta if delta is not None else torch_zeros_like(base_value)
-        return self.weights.get(name).to(device=device, dtype=base_value.dtype) - base_value
+        # In place: one float32 buffer per expert, no extra temporary.
+        return self.weights.get(name).to(device=device, dtype=base_value.dtype).sub_(base_value)
 
 
 def torch_zeros_like(t):
@@ -250,7 +251,7 @@ def merge_model(
     device: str = "auto",
     out_dir: Path | None = None,
     keep_in_memory: bool = False,
-    shard_size_mb: int = 2000,
+    shard_size_mb: float = 2000.0,
     progress: bool = False,
 ) -> MergeResult:
     """Merge the experts of `model_cfg` with `method_cfg`; write to `out_dir` and/or keep the weights in memory."""
@@ -266,7 +267,7 @@ def merge_model(
     files_from = _files_source(model_cfg, base.path, expert_paths)
 
     report = MergeReport(method_cfg["name"], scaling, device, {e.key: e.kind for e in experts})
-    writer = ShardedWriter(out_dir, list(iter_layout(base)), shard_size_mb * 2**20) if out_dir else None
+    writer = ShardedWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20)) if out_dir else None
     state_dict = {} if keep_in_memory else None
     started = time.perf_counter()
     try:

@@ -3,8 +3,10 @@
 Each step is one function so that each stays readable:
     prepare_model  -> what to evaluate (merged weights in memory / on disk, or an unchanged base or expert)
     evaluate       -> task scores from the evaluator (evaluation/)
-    record         -> results.jsonl rows (results.py)
-    log            -> the logger (W&B or none)
+    record_rows    -> run.json, then results.jsonl (results.py), written last: its presence marks the run done
+    log_step       -> the logger (W&B or none), then a summary table on stdout
+A run whose resolved config (minus VOLATILE_KEYS) already has complete results under runs_dir is skipped
+(`already_done` / `skip`); rerun=true runs it again.
 """
 
 from __future__ import annotations
@@ -12,13 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from . import MergeError
-from .results import MERGE_REPORT_FILE, write_json_atomic
+from .results import (
+    MERGE_REPORT_FILE,
+    RESULTS_FILE,
+    RunRecord,
+    find_completed,
+    format_summary,
+    read_rows,
+    write_json_atomic,
+    write_rows,
+)
 
 log = logging.getLogger("mmbench_merge")
 
@@ -38,18 +48,87 @@ class PreparedModel:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Execute one configured run inside `run_dir`; returns a summary dict."""
-    from .engine import resolve_device
+    from .loggers import check_logger
 
     run_dir = Path(run_dir)
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
+    check_logger(cfg)
+    record = RunRecord.start(cfg, run_dir)
+    done = already_done(cfg, run_dir, record)
+    if done is not None:
+        return skip(run_dir, record, done, t0)
+
+    try:
+        return execute(cfg, run_dir, record, t0)
+    except BaseException as exc:  # recorded, then raised as before
+        if not (run_dir / RESULTS_FILE).exists():  # results on disk: the run is done whatever failed after
+            record.finish(run_dir, "failed", time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dict:
+    """Merge (or pick the reference model), evaluate, record, log."""
+    from .engine import resolve_device
+
     device = resolve_device(cfg.device)
     prepared = prepare_model(cfg, run_dir, device)
-    summary = {"run_dir": str(run_dir), "model": cfg.model.name, "method": cfg.method.name, "started_at": started_at}
+    rows = evaluate(cfg, prepared, device)
+    summary = {"run_dir": str(run_dir), "run_id": record.run_id, "model": cfg.model.name,
+               "method": cfg.method.name, "started_at": record.started_at, "status": "complete"}  # fmt: skip
     if prepared.report is not None:
         summary["merge"] = prepared.report["totals"]
     summary["duration_s"] = round(time.perf_counter() - t0, 2)
+    record_rows(run_dir, record, rows, summary)
+    log_step(cfg, run_dir, record, rows, summary)
+    print(format_summary(record, rows, summary), flush=True)
     return summary
+
+
+# ------------------------------------------------------------------------------------------ skip on rerun
+def already_done(cfg: DictConfig, run_dir: Path, record: RunRecord) -> Path | None:
+    """A complete run of the same resolved config under runs_dir (None with rerun=true or when there is none)."""
+    if cfg.get("rerun", False):
+        return None
+    root = Path(cfg.get("runs_dir") or "runs")
+    return find_completed(record.fingerprint, root, exclude=run_dir)
+
+
+def skip(run_dir: Path, record: RunRecord, done: Path, t0: float) -> dict:
+    """Record in this job's run.json that the results live in `done`; write no results.jsonl of its own."""
+    log.info("skipping: results for the same config already exist in %s (rerun=true runs it again)", done)
+    record.finish(run_dir, "skipped", time.perf_counter() - t0, same_as=str(done))
+    return {"run_dir": str(run_dir), "run_id": record.run_id, "status": "skipped", "same_as": str(done)}
+
+
+# ------------------------------------------------------------------------------------------ evaluate / record
+def evaluate(cfg: DictConfig, prepared: PreparedModel, device: str) -> list[dict]:
+    """Task rows (and avg: rows) from the evaluator; evaluator=none records no task rows."""
+    if cfg.evaluator.name == "none":
+        return []
+    raise MergeError(f"evaluator={cfg.evaluator.name}: not available yet")
+
+
+def record_rows(run_dir: Path, record: RunRecord, rows: list[dict], summary: dict) -> None:
+    """run.json (complete), then results.jsonl last and atomically: its presence marks the run done.
+
+    An evaluator=none run writes an empty results.jsonl: complete, with no task rows.
+    """
+    run_fields = {**record.row_fields(), "duration_s": summary["duration_s"]}
+    rows = [{**run_fields, **{k: v for k, v in row.items() if v is not None or k not in run_fields}}
+            for row in rows]  # fmt: skip
+    record.finish(run_dir, "complete", summary["duration_s"], summary=summary)
+    write_rows(run_dir / RESULTS_FILE, rows)
+
+
+# ------------------------------------------------------------------------------------------ log
+def log_step(cfg: DictConfig, run_dir: Path, record: RunRecord, rows: list[dict], summary: dict) -> None:
+    """Hand the run to the configured logger; a logging failure is reported but does not undo the results."""
+    from .loggers import log_run
+
+    try:
+        log_run(cfg, run_dir, record, read_rows(run_dir / RESULTS_FILE), summary)
+    except Exception as exc:  # the results are on disk; W&B can be synced or re-logged later
+        log.error("logger=%s failed: %s: %s", cfg.logger.name, type(exc).__name__, exc)
 
 
 def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:

@@ -8,7 +8,12 @@ The registry maps names to "module:function" so listing methods never imports to
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import logging
+from collections.abc import Callable
+
+from .. import MergeError
+
+log = logging.getLogger("mmbench_merge")
 
 _REGISTRY: dict[str, str] = {
     "weight_average": "basic:weight_average",
@@ -16,6 +21,11 @@ _REGISTRY: dict[str, str] = {
     "ties": "ties:ties",
     "dare_ta": "ties:dare_ta",
     "dare_ties": "ties:dare_ties",
+    "tsv": "svd:tsv",
+    "iso_c": "svd:iso_c",
+    "iso_cts": "svd:iso_cts",
+    "wudi": "optimize:wudi",
+    "optmerge": "optimize:optmerge",
 }
 
 
@@ -35,17 +45,36 @@ def get_method(name: str) -> Callable:
     return getattr(module, func_name)
 
 
-# Hyperparameters a method takes from the model's fine-tuning regime when the config leaves them null.
-# (OptMerge has a full fine-tuning and a LoRA variant; other methods add theirs here.)
-PRESETS: dict[str, dict[str, dict]] = {}
+# Hyperparameters a method takes from the model's fine-tuning regime (model.finetune) when the config leaves
+# them null. OptMerge's two variants are the paper's: full fine-tuning (InternVL2.5-1B) and LoRA (Qwen2-VL-7B).
+PRESETS: dict[str, dict[str, dict]] = {
+    "optmerge": {
+        "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1},
+        "lora": {
+            "center": False,
+            "init": "mean",
+            "optimizer": "sgd",
+            "momentum": 0.9,
+            "lr": 1e-4,
+            "scaling": 1.0,
+        },
+    },
+}
 
 _NOT_HYPERPARAMETERS = {"name", "scaling", "expert"}
+
+# Weight Average is the mean of the experts: theta_0 + 1 * mean(tau_i). Another scaling would make it Task
+# Arithmetic with a different coefficient, so it is refused rather than silently recorded under this name.
+FIXED_SCALING = {"weight_average": 1.0}
 
 
 def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, float]:
     """(function, keyword arguments, scaling) for a method config; null values come from the presets."""
     name = method_cfg["name"]
     fn = get_method(name)
+    if name in PRESETS and finetune not in PRESETS[name]:
+        known = " or ".join(PRESETS[name])
+        raise MergeError(f"model.finetune: {finetune!r} selects no {name} preset; expected {known}")
     preset = PRESETS.get(name, {}).get(finetune, {})
     kwargs = {}
     for key, value in method_cfg.items():
@@ -58,4 +87,12 @@ def resolve_method(method_cfg: dict, finetune: str) -> tuple[Callable, dict, flo
     scaling = method_cfg.get("scaling")
     if scaling is None:
         scaling = preset.get("scaling", 1.0)
+    if name in FIXED_SCALING and scaling != FIXED_SCALING[name]:
+        raise MergeError(f"method.scaling: {name} has its scaling fixed at {FIXED_SCALING[name]} (got {scaling}); "
+                         "sweep scaling with task_arithmetic instead")  # fmt: skip
+    from_preset = sorted(k for k, v in method_cfg.items() if v is None and k in preset)
+    # The composed config shows null for preset values: say once what the run actually uses.
+    values = " ".join([f"scaling={scaling}", *(f"{k}={v}" for k, v in kwargs.items())])
+    source = f" (from the {finetune!r} preset: {', '.join(from_preset)})" if from_preset else ""
+    log.info("method %s: %s%s", name, values, source)
     return fn, kwargs, float(scaling)
