@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     parser.add_argument("--families", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--limit", type=int, default=None, help="test samples per task (default: all)")
+    parser.add_argument("--qwen2vl-model", default="mini_qwen2vl", choices=["mini_qwen2vl", "mini_qwen2vl_full"],
+                        help="Qwen2-VL experts as LoRA adapters or merged into full weights")  # fmt: skip
+    parser.add_argument("--skip-reference", action="store_true", help="no base / expert rows")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "minibench_tables.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -75,9 +78,9 @@ def main(argv=None) -> int:
     methods = args.methods or list_methods()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for family in args.families:
-        model = MODELS[family]
+        model = args.qwen2vl_model if family == "qwen2_vl" else MODELS[family]
         rows, sweep = {}, {}
-        for name, path in model_dirs(root, family).items():
+        for name, path in ({} if args.skip_reference else model_dirs(root, family)).items():
             rows[name] = score_model(path, family, root / "data", limit=args.limit)
             print(f"{family} {name}: {rows[name]}", flush=True)
         for method in methods:
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
                 if best is None or avg > best[0]:
                     best = (avg, scaling, scores)
             rows[f"{method} (scaling {best[1]})"] = best[2]
-        results[family] = {"rows": rows, "sweep": sweep, "limit": args.limit}
+        results[model] = {"rows": rows, "sweep": sweep, "limit": args.limit}
         print("\n" + markdown_table(rows, family) + "\n", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -71,6 +71,18 @@ def test_prompts_and_targets_per_family():
         prompts.prompt("audio", "internvl", geo)
 
 
+def test_resolver_rejects_unknown_family_item_and_profile():
+    from mmbench_merge import MergeError
+    from mmbench_merge.minibench import ensure_built, resolve_path
+
+    with pytest.raises(MergeError, match=r"unknown family 'llava'"):
+        resolve_path("llava", "base")
+    with pytest.raises(MergeError, match=r"unknown item 'ocr_full'"):
+        resolve_path("internvl", "ocr_full")  # InternVL experts are full fine-tunes already
+    with pytest.raises(MergeError, match=r"unknown profile 'huge'"):
+        ensure_built("huge")
+
+
 # ------------------------------------------------------------------------------------------ micro build
 BUILD_SCRIPT = """
 import json, sys

@@ -81,6 +81,4 @@ def resolve_path(family: str, item: str, profile: str | None = None) -> str:
         return str(root)
     if item in ("data", "tokenizer"):
         return str(root / item)
-    if family == "internvl" and item.endswith("_full"):
-        item = item[: -len("_full")]
     return str(root / family / item)

@@ -58,10 +58,6 @@ PROFILES = {
     "default": Profile("default", train_n=2000, test_n=200, base_steps=900, expert_steps=250, batch=16,
                        base_lr=2e-3, expert_lr=7e-4, lora_lr=3e-3, lora_r=16, hidden=128, layers=4, vision_depth=2,
                        vocab=1024),
-    # The default with 3.3x the base training (the base's visual knowledge is what limits the experts).
-    "long": Profile("long", train_n=2000, test_n=200, base_steps=3000, expert_steps=300, batch=16,
-                    base_lr=2e-3, expert_lr=7e-4, lora_lr=3e-3, lora_r=16, hidden=128, layers=4, vision_depth=2,
-                    vocab=1024),
 }  # fmt: skip
 
 
