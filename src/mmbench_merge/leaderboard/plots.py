@@ -23,11 +23,18 @@ def _kind(entry) -> str:
     return entry.method if entry.is_reference else "method"
 
 
+def _short_label(entry) -> str:
+    """The row's name and its first setting (the scaling): the full settings stay in the tables, where they fit."""
+    if not entry.settings:
+        return entry.label
+    return f"{entry.label} ({entry.settings.split(', ')[0]})"
+
+
 def plot_averages(board: Board, path: Path) -> Path:
     """Horizontal bars: the overall average of each row of the best table (the paper's as ticks when known)."""
     plt = _pyplot()
     entries = [e for e in board.best() if board.averages(e)["average"] is not None]
-    labels = [f"{e.label} ({e.settings})" if e.settings else e.label for e in entries]
+    labels = [_short_label(e) for e in entries]
     values = [board.averages(e)["average"] for e in entries]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(entries) + 1.4))
     ys = range(len(entries))[::-1]
@@ -43,7 +50,7 @@ def plot_averages(board: Board, path: Path) -> Path:
     ax.set_yticks(list(ys), labels, fontsize=8)
     ax.set_xlabel("average score (0-100)")
     ax.set_xlim(0, max([*values, *[p for _, p in papers], 1.0]) * 1.15)
-    ax.set_title(f"{board.model} / {board.suite}: average per method")
+    ax.set_title(f"{board.model} / {board.suite}: average")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
