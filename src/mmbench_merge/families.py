@@ -55,18 +55,36 @@ def attribute_names(family: Family, base_dir: Path, checkpoint_keys: list[str]) 
     import transformers
     from transformers import AutoConfig
 
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4: module paths equal the checkpoint names for our families
-        return mapping
     config = AutoConfig.from_pretrained(base_dir)
     model_class = getattr(transformers, family.model_class)
     with torch.device("meta"):
         model = model_class._from_config(config)
-    placeholders = {name: torch.empty(0, device="meta") for name, _ in model.named_parameters()}
-    by_identity = {id(t): name for name, t in placeholders.items()}
-    for checkpoint_name, tensor in revert_weight_conversion(model, placeholders).items():
-        attribute = by_identity.get(id(tensor))
-        if attribute is not None and checkpoint_name in mapping:
+    for attribute, checkpoint_name in checkpoint_names(model).items():
+        if checkpoint_name in mapping:
             mapping.setdefault(attribute, checkpoint_name)
+    return mapping
+
+
+def checkpoint_names(model) -> dict[str, str]:
+    """Parameter / buffer name in the module -> tensor name in a checkpoint saved by transformers."""
+    import torch
+
+    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: module names are the checkpoint names
+        return {name: name for name in names}
+    placeholders = {name: torch.empty(0, device="meta") for name in names}
+    by_identity = {id(t): name for name, t in placeholders.items()}
+    try:
+        reverted = revert_weight_conversion(model, placeholders)
+    except Exception:  # noqa: BLE001 (remote-code models without a conversion mapping)
+        return {name: name for name in names}
+    mapping = {}
+    for checkpoint_name, tensor in reverted.items():
+        module_name = by_identity.get(id(tensor))
+        if module_name is not None:
+            mapping[module_name] = checkpoint_name
+    for name in names:
+        mapping.setdefault(name, name)
     return mapping

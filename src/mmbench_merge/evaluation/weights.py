@@ -11,31 +11,7 @@ must land somewhere: a name mismatch is an error, never a silently half-merged m
 from __future__ import annotations
 
 from .. import MergeError
-
-
-def checkpoint_names(model) -> dict[str, str]:
-    """Parameter / buffer name in the module -> tensor name in a checkpoint saved by transformers."""
-    import torch
-
-    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4: module names are the checkpoint names
-        return {name: name for name in names}
-    placeholders = {name: torch.empty(0, device="meta") for name in names}
-    by_identity = {id(t): name for name, t in placeholders.items()}
-    try:
-        reverted = revert_weight_conversion(model, placeholders)
-    except Exception:  # noqa: BLE001 (remote-code models without a conversion mapping)
-        return {name: name for name in names}
-    mapping = {}
-    for checkpoint_name, tensor in reverted.items():
-        module_name = by_identity.get(id(tensor))
-        if module_name is not None:
-            mapping[module_name] = checkpoint_name
-    for name in names:
-        mapping.setdefault(name, name)
-    return mapping
+from ..families import checkpoint_names
 
 
 def load_into_model(model, state_dict: dict, *, source: str = "merged weights") -> int:
