@@ -83,7 +83,6 @@ def test_sharded_input_and_sharded_output(tiny_root, tiny_conf, tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(out / "merged")
     # weight_average: every selected tensor is the mean of the experts (theta_0 + mean tau_i).
-    base = SafetensorsCheckpoint(tiny_root / "qwen2_vl" / "base")
     name = "model.layers.0.self_attn.q_proj.weight"
     experts = [SafetensorsCheckpoint(tiny_root / "qwen2_vl" / f"{t}_merged" if t == "ocr" else tiny_root / "qwen2_vl" / t)
                for t in TASKS]  # fmt: skip
