@@ -170,3 +170,14 @@ def test_import_is_light():
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, f"importing mmbench_merge pulled in {proc.stdout.strip()}"
+
+
+def test_preset_values_are_reported_as_used(tiny_conf, tmp_path):
+    """OptMerge's composed config holds nulls; the report and the end-of-run summary show the preset's values."""
+    out = tmp_path / "run"
+    proc = _merge(tiny_conf, out, "model=tiny_internvl", "method=optmerge", "method.iters=3")
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["scaling"] == 0.1  # the full fine-tuning preset
+    assert report["params"] == {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "iters": 3}
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("== tiny_internvl / optmerge")]
+    assert summary and "scaling=0.1" in summary[0] and "center=True" in summary[0] and "None" not in summary[0]

@@ -240,9 +240,10 @@ def format_table(header: list[str], body: list[list]) -> str:
     return "\n".join(lines)
 
 
-def format_summary(record: RunRecord, rows: list[dict], summary: dict) -> str:
-    """The short table a run prints when it ends: what ran, the merge totals, each score and the averages."""
-    fields = record.row_fields()
+def format_summary(record: RunRecord, rows: list[dict], summary: dict, resolved: dict | None = None) -> str:
+    """The short table a run prints when it ends: what ran (with the values the merge used), the merge totals,
+    each score and the averages."""
+    fields = {**record.row_fields(), **(resolved or {})}
     params = ", ".join(f"{k}={v}" for k, v in fields["params"].items())
     reference = fields["method"] in ("base", "expert")  # evaluated unchanged: no scaling applies
     scaling = f"scaling={fields['scaling']}" if fields["scaling"] is not None and not reference else ""

@@ -83,7 +83,7 @@ def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dic
     resolved = {"scaling": prepared.report["scaling"], "params": prepared.report["params"]} if prepared.report else {}
     record_rows(run_dir, record, rows, summary, resolved)
     log_step(cfg, run_dir, record, rows, summary)
-    print(format_summary(record, rows, summary), flush=True)
+    print(format_summary(record, rows, summary, resolved), flush=True)
     return summary
 
 
