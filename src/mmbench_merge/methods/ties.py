@@ -7,25 +7,32 @@ import torch
 from .basic import task_arithmetic
 
 
-def _keep_top_magnitudes(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero every entry of `tau` outside its top `density` fraction by magnitude (ties at the threshold kept)."""
-    if density >= 1.0:
-        return tau
+def _trim_into(out: torch.Tensor, tau: torch.Tensor, density: float) -> None:
+    """Write into `out` the entries of `tau` in its top `density` fraction by magnitude (ties at the threshold
+    kept), zeros elsewhere. Writing into a preallocated slot keeps the live set at one copy per expert."""
     k = int(density * tau.numel())
+    if density >= 1.0:
+        out.copy_(tau)
+        return
     if k <= 0:
-        return torch.zeros_like(tau)
+        out.zero_()
+        return
+    magnitude = tau.abs()
     # The k-th largest magnitude is the threshold; kthvalue counts from the smallest.
-    threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    threshold = magnitude.view(-1).kthvalue(tau.numel() - k + 1).values
+    torch.mul(tau, magnitude >= threshold, out=out)
 
 
 def _ties_merge(trimmed: torch.Tensor) -> torch.Tensor:
     """Elect a sign per entry from the sum, then average the entries that agree with it (disjoint mean)."""
     elected = torch.sign(trimmed.sum(dim=0))
-    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    kept_sum = torch.where(agrees, trimmed, torch.zeros_like(trimmed)).sum(dim=0)
-    count = agrees.sum(dim=0)
-    return torch.where(count > 0, kept_sum / count.clamp(min=1), torch.zeros_like(kept_sum))
+    kept_sum = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
+    for tau in trimmed:  # one expert at a time: temporaries of one tensor, not of the whole stack
+        agrees = (torch.sign(tau) == elected) & (tau != 0)
+        kept_sum += tau * agrees
+        count += agrees
+    return kept_sum / count.clamp(min=1)  # where no entry agrees, kept_sum is 0: the result is 0
 
 
 def ties(
@@ -33,7 +40,10 @@ def ties(
 ) -> torch.Tensor:
     """Trim each task vector to its top-`density` magnitudes, elect signs, disjoint mean."""
     _check_fraction("density", density)
-    trimmed = torch.stack([_keep_top_magnitudes(tau, density) for tau in task_vectors])
+    first = task_vectors[0]
+    trimmed = torch.empty((len(task_vectors), *first.shape), dtype=first.dtype, device=first.device)
+    for slot, tau in zip(trimmed, task_vectors):
+        _trim_into(slot, tau.contiguous(), density)
     return _ties_merge(trimmed)
 
 
