@@ -138,8 +138,7 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
             raise MergeError(f"method={method}: evaluates an unmerged model and needs an evaluator (got evaluator=none)")
         return reference_model(cfg, method_cfg, run_dir, device)
 
-    # vLLM loads from disk; lmms-eval in this process takes the merged weights in memory unless asked to save.
-    write_to_disk = cfg.save_merged or cfg.evaluator.name == "vllm"
+    write_to_disk = needs_checkpoint(cfg)
     keep_in_memory = cfg.evaluator.name == "lmms_eval" and not write_to_disk
     result = merge_model(
         cfg.model,
@@ -162,6 +161,11 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
     base_dir, files_dir = model_sources(cfg.model)
     return PreparedModel(model_dir=result.merged_dir, base_dir=base_dir, files_dir=files_dir,
                          state_dict=result.state_dict, report=report)  # fmt: skip
+
+
+def needs_checkpoint(cfg: DictConfig) -> bool:
+    """vLLM loads from disk; lmms-eval in this process takes the merged weights in memory unless asked to save."""
+    return cfg.save_merged or cfg.evaluator.name == "vllm"
 
 
 def model_sources(model_cfg) -> tuple[Path, Path]:
@@ -201,7 +205,7 @@ def reference_model(cfg: DictConfig, method_cfg: dict, run_dir: Path, device: st
     one_expert.experts = {key: cfg.model.experts[key]}
     if one_expert.files_from not in ("base", key):
         one_expert.files_from = "base"  # only for a written checkpoint; in memory, files_dir is used below
-    write_to_disk = cfg.save_merged or cfg.evaluator.name == "vllm"
+    write_to_disk = needs_checkpoint(cfg)
     result = merge_model(
         one_expert, {"name": "weight_average", "scaling": 1.0}, seed=cfg.seed, device=device,
         out_dir=run_dir / "merged" if write_to_disk else None, keep_in_memory=not write_to_disk,
