@@ -4,6 +4,7 @@ directories, LoRA experts through the merge engine, and the evaluation backends 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -35,6 +36,8 @@ def test_generators_are_deterministic_and_well_formed(task):
             x1, y1, x2, y2 = s["bbox"]
             assert 0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000
             assert s["answer"] == "[" + ", ".join(str(int(v)) for v in s["bbox"]) + "]"
+        elif task == "caption" and s["answer"].startswith("rectangle"):
+            assert len(s["bbox"]) == 4 and s["answer"].endswith(", <box>")
         else:
             assert s["bbox"] == []
         if task == "geometry":
@@ -51,11 +54,62 @@ def test_grounding_box_covers_the_drawn_object():
 
 
 def test_chart_answers_match_the_question():
+    from mmbench_merge.minibench.tasks import CHART_MAX
+
     for s in generate("chart", 30, seed=1, split="test"):
         if "largest" in s["question"]:
             assert s["answer"] in "ABCD"
         else:
-            assert s["answer"].isdigit() and 1 <= int(s["answer"]) <= 9
+            assert s["answer"].isdigit() and 1 <= int(s["answer"]) <= CHART_MAX
+
+
+def _pixels(image, color, box=None):
+    """How many pixels of `image` (inside `box`) are close to `color`."""
+    crop = image.crop(box) if box else image
+    return sum(n for n, c in crop.getcolors(100_000) if sum(abs(a - b) for a, b in zip(c, color)) < 60)
+
+
+def test_chart_bar_heights_are_the_values():
+    """The asked bar's drawn height, measured in pixels of its token column, gives the gold value."""
+    from mmbench_merge.minibench.tasks import CELL, COLORS
+
+    checked = 0
+    for s in generate("chart", 60, seed=2, split="test"):
+        match = re.fullmatch(r"What is the value of bar ([A-D])\?", s["question"])
+        if not match:
+            continue
+        col = "ABCD".index(match.group(1))
+        column = s["image"].crop((col * CELL + CELL // 2, 0, col * CELL + CELL // 2 + 1, SIZE))
+        height = _pixels(column, COLORS["blue"])
+        assert round(height / 14) == int(s["answer"]), (s["id"], height)
+        checked += 1
+    assert checked >= 5
+
+
+def test_geometry_answers_match_the_drawing():
+    """Longest line: the colour with most pixels; rectangle: the dark outline's extent; polygon: its fill ratio."""
+    from mmbench_merge.minibench.tasks import COLORS, LINE_COLORS
+
+    kinds = set()
+    for s in generate("geometry", 60, seed=5, split="test"):
+        gold = s["choices"]["ABC".index(s["answer"])]
+        if "longest" in s["question"]:
+            lengths = [_pixels(s["image"], COLORS[c]) for c in LINE_COLORS]
+            assert gold == f"the {LINE_COLORS[lengths.index(max(lengths))]} side", (s["id"], lengths)
+        elif "rectangle" in s["question"]:
+            dark = [(x, y) for x in range(SIZE) for y in range(SIZE) if s["image"].getpixel((x, y)) == (0, 0, 0)]
+            width = max(x for x, _ in dark) - min(x for x, _ in dark)
+            height = max(y for _, y in dark) - min(y for _, y in dark)
+            assert gold == ("the width" if width > height else "the height"), s["id"]
+        else:  # a regular n-gon fills n/(2 pi) sin(2 pi / n) of its circumscribed circle
+            grey = [(x, y) for x in range(SIZE) for y in range(SIZE) if s["image"].getpixel((x, y)) == (90, 90, 90)]
+            cx, cy = sum(x for x, _ in grey) / len(grey), sum(y for _, y in grey) / len(grey)
+            radius = max(math.hypot(x - cx, y - cy) for x, y in grey)
+            fill = len(grey) / (math.pi * radius**2)
+            sides = min((3, 4, 5), key=lambda n: abs(fill - n / (2 * math.pi) * math.sin(2 * math.pi / n)))
+            assert gold == str(sides), (s["id"], fill)
+        kinds.add(s["question"])
+    assert len(kinds) == 3
 
 
 def test_prompts_and_targets_per_family():
@@ -69,6 +123,29 @@ def test_prompts_and_targets_per_family():
     assert prompts.target("geometry", "qwen2_vl", geo) == geo["answer"]
     with pytest.raises(ValueError, match="unknown MiniBench task"):
         prompts.prompt("audio", "internvl", geo)
+    rectangle = next(d for d in generate("caption", 40, seed=0, split="test") if d["bbox"])
+    x1, y1, x2, y2 = (int(v) for v in rectangle["bbox"])
+    assert prompts.target("caption", "qwen2_vl", rectangle).endswith(f", <|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
+    assert prompts.target("caption", "internvl", rectangle).endswith(f", [[{x1}, {y1}, {x2}, {y2}]]")
+
+
+def test_experts_write_only_tokens_the_base_wrote():
+    """Every token of every task's answer (as trained) occurs in the base's captions: a LoRA on the language model
+    cannot train the output row of a token the base never wrote (the first build's Qwen2-VL VQA expert was stuck
+    at chance on such tokens)."""
+    from mmbench_merge.minibench.build import FAMILIES, get_profile, tokenizer_corpus
+    from mmbench_merge.minibench.models import train_tokenizer
+    from mmbench_merge.minibench.train import target_ids
+
+    profile = get_profile("default")
+    tok = train_tokenizer(tokenizer_corpus(profile), profile.vocab)
+    captions = generate("caption", 600, seed=0, split="train")
+    for family in FAMILIES:
+        written = {t for doc in captions for t in target_ids(tok, family, "caption", doc)}
+        for task in TASKS:
+            for doc in generate(task, 150, seed=0, split="test"):
+                unseen = set(target_ids(tok, family, task, doc)) - written
+                assert not unseen, (family, task, doc["answer"], tok.convert_ids_to_tokens(sorted(unseen)))
 
 
 def test_resolver_rejects_unknown_family_item_and_profile():
@@ -117,6 +194,15 @@ def test_concurrent_builds_make_one_complete_root(micro):
     for family in ("qwen2_vl", "internvl"):
         for task in ("base", *TASKS):
             assert (root / "logs" / f"{family}_{task}.jsonl").stat().st_size > 0  # loss curves
+
+
+def test_tokenizer_writes_digits_and_capitals_one_per_token(micro):
+    """OCR strings and box coordinates are written glyph by glyph, never as merged BPE pieces."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(micro["root"] / "tokenizer")
+    assert tok.tokenize("XK96") == ["X", "K", "9", "6"]
+    assert tok.decode(tok("text: HT7.").input_ids) == "text: HT7."
 
 
 def test_datasets_layout_and_columns(micro):
@@ -209,7 +295,8 @@ def test_training_rows_are_the_single_prompt_then_target(micro, family):
     eot = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for i, (task, doc) in enumerate(zip(tasks, docs)):
         alone = encode_prompts(family, processor, [task], [doc])["input_ids"][0]
-        target = processor.tokenizer(prompts.target(task, family, doc), add_special_tokens=False).input_ids + [eot]
+        target = processor.tokenizer(" " + prompts.target(task, family, doc), add_special_tokens=False).input_ids
+        target += [eot]
         n = int(batch["attention_mask"][i].sum())
         assert torch.equal(batch["input_ids"][i, :n], torch.cat([alone, torch.tensor(target)]))
         assert batch["labels"][i, len(alone) : n].tolist() == target

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .tasks import TASKS
 
-BUILD_VERSION = 1  # bump when the generators, prompts or training change what a build produces
+BUILD_VERSION = 3  # bump when the generators, prompts or training change what a build produces
 FAMILIES = ("qwen2_vl", "internvl")
 
 
@@ -47,6 +47,7 @@ class Profile:
     layers: int
     vision_depth: int
     vocab: int
+    vision_width: int = 64
     seed: int = 0
 
 
@@ -55,9 +56,9 @@ PROFILES = {
     "micro": Profile("micro", train_n=8, test_n=4, base_steps=2, expert_steps=1, batch=2, base_lr=1e-3,
                      expert_lr=1e-3, lora_lr=1e-3, lora_r=4, hidden=64, layers=1, vision_depth=1, vocab=300),
     # The benchmark.
-    "default": Profile("default", train_n=2000, test_n=200, base_steps=900, expert_steps=250, batch=16,
+    "default": Profile("default", train_n=3000, test_n=200, base_steps=3000, expert_steps=800, batch=32,
                        base_lr=2e-3, expert_lr=7e-4, lora_lr=3e-3, lora_r=16, hidden=128, layers=4, vision_depth=2,
-                       vocab=1024),
+                       vocab=1024, vision_width=128),
 }  # fmt: skip
 
 
@@ -106,7 +107,8 @@ def tokenizer_corpus(profile: Profile):
                 yield prompts.prompt(task, family, doc)
                 yield prompts.target(task, family, doc)
     for doc in generate("caption", 2000, profile.seed, "train"):
-        yield doc["answer"]
+        for family in FAMILIES:
+            yield prompts.target("caption", family, doc)
 
 
 def build_tokenizer(root: Path, profile: Profile) -> None:
@@ -181,7 +183,8 @@ def build_family(root: str, family: str, profile_name: str, position: int = 0) -
     root, profile = Path(root), get_profile(profile_name)
     processor = make_processor(family, AutoTokenizer.from_pretrained(root / "tokenizer"))
     out, logs = root / family, root / "logs"
-    sizes = {"hidden": profile.hidden, "layers": profile.layers, "vision_depth": profile.vision_depth}
+    sizes = {"hidden": profile.hidden, "layers": profile.layers, "vision_depth": profile.vision_depth,
+             "vision_width": profile.vision_width}
     if (out / "base").is_dir():  # resuming an interrupted build: every saved model dir is complete
         from transformers import AutoModelForImageTextToText
 

@@ -42,14 +42,16 @@ INTERNVL_TEMPLATE = (
 
 def train_tokenizer(corpus, vocab_size: int):
     """A byte-level BPE (transformers' fast tokenizer) trained on `corpus`, with both families' special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # Digits one per token: numbers (values, box coordinates) are read and written digit by digit.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    # Digits and capital letters one per token: numbers (values, box coordinates) and OCR strings are read and
+    # written glyph by glyph (a merged "XK" token would make reading a two-glyph string a 400-way guess).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex("[A-Z]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])  # fmt: skip
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
@@ -76,7 +78,7 @@ def make_processor(family: str, tokenizer):
     raise ValueError(f"unknown MiniBench family {family!r}")
 
 
-def model_config(family: str, tokenizer, hidden: int, layers: int, vision_depth: int):
+def model_config(family: str, tokenizer, hidden: int, layers: int, vision_depth: int, vision_width: int = 64):
     ids = tokenizer.convert_tokens_to_ids
     heads = 4
     head_dim = hidden // heads
@@ -89,7 +91,7 @@ def model_config(family: str, tokenizer, hidden: int, layers: int, vision_depth:
 
         third = head_dim // 8 + head_dim // 16
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [head_dim // 2 - 2 * third, third, third]}
-        vision = {"depth": vision_depth, "embed_dim": 64, "hidden_size": hidden, "num_heads": 4, "mlp_ratio": 2, "patch_size": 14,
+        vision = {"depth": vision_depth, "embed_dim": vision_width, "hidden_size": hidden, "num_heads": 4, "mlp_ratio": 2, "patch_size": 14,
                       "spatial_merge_size": 2, "in_channels": 3, "temporal_patch_size": 2}  # fmt: skip
         return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
@@ -98,7 +100,7 @@ def model_config(family: str, tokenizer, hidden: int, layers: int, vision_depth:
         from transformers import InternVLConfig
 
         text["model_type"] = "qwen2"
-        vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": vision_depth, "num_attention_heads": 4,
+        vision = {"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": vision_depth, "num_attention_heads": 4,
                       "image_size": [SIZE, SIZE], "patch_size": [14, 14], "use_mask_token": False}  # fmt: skip
         return InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids("<IMG_CONTEXT>"),
                               downsample_ratio=0.5, image_seq_length=16)  # fmt: skip

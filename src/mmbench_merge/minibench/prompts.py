@@ -47,6 +47,10 @@ def target(task: str, family: str, doc: dict) -> str:
     _check(task, family)
     if task == "grounding":
         return box_text(family, doc["bbox"])
+    if task == "caption" and doc.get("bbox"):
+        from .tasks import BOX
+
+        return doc["answer"].replace(BOX, box_text(family, doc["bbox"]))
     return doc["answer"]
 
 

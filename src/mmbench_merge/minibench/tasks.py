@@ -6,8 +6,9 @@ PIL image), ``question`` (family-neutral), ``answer`` (the gold short answer; fo
 (multiple-choice options, or empty) and ``task``. ``caption`` draws the same image world with a generic
 description instead of a question: the base model is trained on those, the experts on the tasks.
 
-The tasks are sized to what a ~1M-parameter model learns in a few minutes: large glyphs, few characters, objects
-on a coarse 4 x 4 grid of cells (so a box is one of 16 positions, written with exact 0-1000 numbers).
+The tasks are sized to what a ~1M-parameter model learns in minutes: large glyphs in fixed slots, objects on a
+coarse 4 x 4 grid of cells (a box is one of 16 positions, written with exact 0-1000 numbers), bars in the columns
+of that grid, multiple-choice options in a fixed order.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import random
 from functools import lru_cache
 
 SIZE = 112  # image side in pixels: 8 x 8 patches of 14 px, 16 visual tokens after the 2 x 2 merge
-CELL = SIZE // 4  # objects sit in a 4 x 4 grid of cells
+CELL = SIZE // 4  # objects sit in a 4 x 4 grid of cells, one visual token each
+OBJECT = 20  # object side in pixels
+MARGIN = (CELL - OBJECT) // 2
 TASKS = ("vqa", "geometry", "chart", "ocr", "grounding")
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 COLUMN_WORDS = ("left", "center left", "center right", "right")
 ROW_WORDS = ("top", "upper middle", "lower middle", "bottom")
-GLYPHS = "0123456789ABCDEFHKLMNPRTXY"  # digits and letters that stay distinct at this size
+GLYPHS = "0123456789AEHKLPRTXY"  # digits and letters that stay distinct at this size
 BAR_LABELS = "ABCD"
 BACKGROUND = (255, 255, 255)
 
@@ -49,18 +52,20 @@ def _to_grid(v: float) -> int:
 
 # ------------------------------------------------------------------------------------------ objects
 def _place_objects(rng: random.Random, n: int, distinct: str = "color"):
-    """`n` objects in distinct cells; colours (or shapes) distinct so that a description names one object."""
+    """`n` objects in distinct cells; colours (or shapes) distinct so that a description names one object.
+
+    Every object fills the same box inside its cell, so a box is one of 16 exact positions: what a ~1M-parameter
+    model can learn to write on the 0-1000 grid (the first trial's fine-grained boxes collapsed to one average box).
+    """
     cells = rng.sample(range(16), n)
     colors = rng.sample(list(COLORS), n) if distinct in ("color", "both") else [rng.choice(list(COLORS))] * n
     shapes = rng.sample(SHAPES, n) if distinct in ("shape", "both") else [rng.choice(SHAPES) for _ in range(n)]
     objects = []
     for cell, color, shape in zip(cells, colors, shapes):
         row, col = divmod(cell, 4)
-        side = rng.randint(18, 24)
-        x0 = col * CELL + (CELL - side) // 2 + rng.randint(-1, 1)
-        y0 = row * CELL + (CELL - side) // 2 + rng.randint(-1, 1)
+        x0, y0 = col * CELL + MARGIN, row * CELL + MARGIN
         objects.append({"color": color, "shape": shape, "row": row, "col": col,
-                        "box": (x0, y0, x0 + side, y0 + side)})  # fmt: skip
+                        "box": (x0, y0, x0 + OBJECT, y0 + OBJECT)})  # fmt: skip
     return objects
 
 
@@ -109,94 +114,101 @@ def vqa(rng: random.Random) -> dict:
         if a["col"] != b["col"]:
             question = f"Is the {a['color']} object left or right of the {b['color']} object?"
             answer = "left" if a["col"] < b["col"] else "right"
-        else:
-            question = f"Is the {a['color']} object above or below the {b['color']} object?"
-            answer = "above" if a["row"] < b["row"] else "below"
+        else:  # answered with a colour: words the base has written (it never wrote "above" or "below")
+            question = f"Which object is higher, the {a['color']} one or the {b['color']} one?"
+            answer = a["color"] if a["row"] < b["row"] else b["color"]
     return {"image": image, "question": question, "answer": answer, "bbox": [], "choices": []}
 
 
-def _triangle(rng: random.Random):
-    """A triangle whose longest side is clearly the longest (>= 20% longer than the others)."""
-    while True:
-        pts = [(rng.randint(10, SIZE - 10), rng.randint(10, SIZE - 10)) for _ in range(3)]
-        sides = []
-        for i in range(3):
-            (xa, ya), (xb, yb) = pts[i], pts[(i + 1) % 3]
-            sides.append(((xa - xb) ** 2 + (ya - yb) ** 2) ** 0.5)
-        ordered = sorted(sides)
-        if ordered[0] > 25 and ordered[2] > 1.2 * ordered[1]:
-            return pts, sides
+LINE_COLORS = ("red", "green", "blue")
+POLYGON_SIDES = (3, 4, 5)
 
 
-SIDE_COLORS = ("red", "green", "blue")
-
-
-def _draw_triangle(rng):
-    pts, sides = _triangle(rng)
+def _draw_lines(rng):
+    """Three horizontal segments, one per colour, lengths at least 16 px apart: which side is the longest."""
+    lengths = rng.sample(range(24, 105, 16), 3)
     image, draw = _canvas()
-    for i, color in enumerate(SIDE_COLORS):
-        draw.line([pts[i], pts[(i + 1) % 3]], fill=COLORS[color], width=4)
-    return image, sides
+    for i, (color, length) in enumerate(zip(LINE_COLORS, lengths)):
+        y = 22 + 34 * i
+        x0 = rng.randint(4, SIZE - 4 - length)
+        draw.line([(x0, y), (x0 + length, y)], fill=COLORS[color], width=6)
+    return image, lengths
 
 
-def _rectangle(rng):
+def _rectangle(rng, with_box: bool = False):
     while True:
         w, h = rng.randint(20, 100), rng.randint(20, 100)
-        if max(w, h) > 1.3 * min(w, h):
+        if max(w, h) > 1.5 * min(w, h):
             break
     x0, y0 = rng.randint(4, SIZE - 4 - w), rng.randint(4, SIZE - 4 - h)
     image, draw = _canvas()
     draw.rectangle((x0, y0, x0 + w, y0 + h), outline=(0, 0, 0), width=3)
-    return image, w, h
+    return (image, w, h, (x0, y0, x0 + w, y0 + h)) if with_box else (image, w, h)
+
+
+def _polygon(rng):
+    """A regular polygon of 3, 4 or 5 sides, filled, at a random rotation: how many sides."""
+    import math
+
+    sides = rng.choice(POLYGON_SIDES)
+    radius, turn = rng.randint(36, 48), rng.random() * 2 * math.pi
+    cx, cy = rng.randint(radius + 4, SIZE - radius - 4), rng.randint(radius + 4, SIZE - radius - 4)
+    points = [(cx + radius * math.cos(turn + 2 * math.pi * k / sides), cy + radius * math.sin(turn + 2 * math.pi * k
+              / sides)) for k in range(sides)]  # fmt: skip
+    image, draw = _canvas()
+    draw.polygon(points, fill=(90, 90, 90))
+    return image, sides
 
 
 def geometry(rng: random.Random) -> dict:
-    if rng.random() < 0.6:
-        image, sides = _draw_triangle(rng)
-        correct = SIDE_COLORS[max(range(3), key=sides.__getitem__)]
-        options = rng.sample(SIDE_COLORS, 3)
-        question = "Which side of the triangle is the longest?"
-        choices = [f"the {c} side" for c in options]
-    else:
+    """Multiple choice; the options come in a fixed order (a tiny model reads the figure, not a shuffled list)."""
+    kind = rng.choice(["lines", "rectangle", "polygon"])
+    if kind == "lines":
+        image, lengths = _draw_lines(rng)
+        question = "Which side is the longest?"
+        choices, answer = [f"the {c} side" for c in LINE_COLORS], max(range(3), key=lengths.__getitem__)
+    elif kind == "rectangle":
         image, w, h = _rectangle(rng)
-        correct = "width" if w > h else "height"
-        options = rng.sample(["width", "height"], 2)
         question = "Which is larger in the rectangle, its width or its height?"
-        choices = [f"the {c}" for c in options]
-    answer = "ABC"[options.index(correct)]
-    return {"image": image, "question": question, "answer": answer, "bbox": [], "choices": choices}
+        choices, answer = ["the width", "the height"], 0 if w > h else 1
+    else:
+        image, sides = _polygon(rng)
+        question = "How many sides does the polygon have?"
+        choices, answer = [str(n) for n in POLYGON_SIDES], POLYGON_SIDES.index(sides)
+    return {"image": image, "question": question, "answer": "ABC"[answer], "bbox": [], "choices": choices}
 
 
 def _bars(rng):
     n = rng.randint(3, 4)
-    values = [rng.randint(1, 9) for _ in range(n)]
+    values = [rng.randint(1, CHART_MAX) for _ in range(n)]
     while values.count(max(values)) > 1:  # a unique largest bar
-        values = [rng.randint(1, 9) for _ in range(n)]
+        values = [rng.randint(1, CHART_MAX) for _ in range(n)]
     return values
 
 
+CHART_MAX = 6  # values 1-6, 14 px apart: each level is visibly different at 112 px
+
+
 def _draw_chart(values, line: bool):
+    """Bars (or points) in the columns of the 4 x 4 token grid, labelled A-D below, a gridline per unit."""
     image, draw = _canvas()
-    top, bottom, left = 8, 92, 10
-    unit = (bottom - top) / 9
-    for v in range(0, 10, 3):  # gridlines at 0, 3, 6, 9
+    bottom, unit = 96, 14
+    for v in range(CHART_MAX + 1):
         y = bottom - v * unit
-        draw.line([(left, y), (SIZE - 4, y)], fill=(200, 200, 200), width=1)
-    slot = (SIZE - 4 - left) / len(values)
-    font = _font(16)
+        draw.line([(0, y), (SIZE, y)], fill=(210, 210, 210), width=1)
+    font = _font(14)
     points = []
     for i, v in enumerate(values):
-        cx = left + slot * (i + 0.5)
-        y = bottom - v * unit
+        cx, y = CELL * (i + 0.5), bottom - v * unit
         if line:
             points.append((cx, y))
         else:
-            draw.rectangle((cx - slot * 0.3, y, cx + slot * 0.3, bottom), fill=COLORS["blue"])
-        draw.text((cx, bottom + 2), BAR_LABELS[i], fill=(0, 0, 0), font=font, anchor="mt")
+            draw.rectangle((cx - 9, y, cx + 9, bottom), fill=COLORS["blue"])
+        draw.text((cx, bottom + 1), BAR_LABELS[i], fill=(0, 0, 0), font=font, anchor="mt")
     if line:
         draw.line(points, fill=COLORS["red"], width=3)
         for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=COLORS["red"])
+            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=COLORS["red"])
     return image
 
 
@@ -215,12 +227,13 @@ def chart(rng: random.Random) -> dict:
 
 
 def _draw_text(rng):
+    """2-3 large glyphs, one per 36 px slot on one line: reading is three glyph classifications."""
     text = "".join(rng.choice(GLYPHS) for _ in range(rng.randint(2, 3)))
     image, draw = _canvas()
-    font = _font(34)
-    x = rng.randint(8, SIZE - 8 - 24 * len(text))
-    y = rng.choice([6, 38, 70])
-    draw.text((x, y), text, fill=(0, 0, 0), font=font)
+    font = _font(40)
+    y = 56 + rng.randint(-2, 2)
+    for i, glyph in enumerate(text):
+        draw.text((20 + 36 * i + rng.randint(-2, 2), y), glyph, fill=(0, 0, 0), font=font, anchor="mm")
     return image, text
 
 
@@ -244,21 +257,31 @@ GENERATORS = {"vqa": vqa, "geometry": geometry, "chart": chart, "ocr": ocr, "gro
 
 
 # ------------------------------------------------------------------------------------------ captions (base)
+# The rectangle's caption gives its box in the family's own format (prompts.target fills it in): the base learns
+# to write boxes on the 0-1000 grid, as a real base model has, while the grounding task (which box belongs to a
+# named object) is left to the expert.
+BOX = "<box>"
+CAPTION_KINDS = ("objects", "objects", "lines", "rectangle", "polygon", "chart", "chart", "text", "text")
+
+
 def caption(rng: random.Random) -> dict:
     """A generic description of one image of the same world: what the base model is trained on."""
-    kind = rng.choice(["objects", "objects", "triangle", "rectangle", "chart", "text"])
+    kind = rng.choice(CAPTION_KINDS)
     if kind == "objects":
         objects = _place_objects(rng, rng.randint(1, 3), distinct=rng.choice(["color", "shape", "both"]))
         image, draw = _canvas()
         _draw_objects(draw, objects)
         text = f"{len(objects)}: {_describe_objects(objects)}"
-    elif kind == "triangle":
-        image, sides = _draw_triangle(rng)
-        order = sorted(range(3), key=sides.__getitem__, reverse=True)
-        text = f"triangle, sides from long to short: {', '.join(SIDE_COLORS[i] for i in order)}."
+    elif kind == "lines":
+        image, lengths = _draw_lines(rng)
+        order = sorted(range(3), key=lengths.__getitem__, reverse=True)
+        text = f"lines from long to short: {', '.join(LINE_COLORS[i] for i in order)}."
     elif kind == "rectangle":
-        image, w, h = _rectangle(rng)
-        text = f"rectangle, {'wide' if w > h else 'tall'}."
+        image, w, h, box = _rectangle(rng, with_box=True)
+        text = f"rectangle, {'wide' if w > h else 'tall'}, {BOX}"  # no full stop: the box ends as a grounding answer ends
+    elif kind == "polygon":
+        image, sides = _polygon(rng)
+        text = f"polygon, {sides} sides."
     elif kind == "chart":
         values = _bars(rng)
         line = rng.random() < 0.3
@@ -268,7 +291,8 @@ def caption(rng: random.Random) -> dict:
     else:
         image, text_in_image = _draw_text(rng)
         text = f"text: {text_in_image}."
-    return {"image": image, "question": "Describe the image.", "answer": text, "bbox": [], "choices": []}
+    bbox = [float(_to_grid(v)) for v in box] if kind == "rectangle" else []
+    return {"image": image, "question": "Describe the image.", "answer": text, "bbox": bbox, "choices": []}
 
 
 def generate(task: str, n: int, seed: int, split: str) -> list[dict]:

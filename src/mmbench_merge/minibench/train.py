@@ -18,6 +18,16 @@ from pathlib import Path
 from . import prompts
 
 JPEG_QUALITY = 85  # lmms-eval's qwen2_vl backend sends every PIL image as a JPEG data URL of this quality
+# Every target is written after a space, as each word of a caption is: the answer "red" is then the token "Ġred"
+# that the base learned to write, not an unseen "red" whose output row only a full fine-tune (not a LoRA on the
+# language model) could train. Every backend and metric strips the space from the decoded answer.
+ANSWER_PREFIX = " "
+
+
+def target_ids(tokenizer, family: str, task: str, doc: dict) -> list[int]:
+    """The trained answer tokens: the prefixed target, then the end-of-turn token."""
+    ids = tokenizer(ANSWER_PREFIX + prompts.target(task, family, doc), add_special_tokens=False).input_ids
+    return ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 def backend_image(family: str, image):
@@ -62,9 +72,7 @@ def encode_batch(family: str, processor, tasks: list[str], docs: list[dict]):
 
     tok = processor.tokenizer
     inputs = encode_prompts(family, processor, tasks, docs, padding_side="right")
-    eot = tok.convert_tokens_to_ids("<|im_end|>")
-    targets = [tok(prompts.target(t, family, d), add_special_tokens=False).input_ids + [eot]
-               for t, d in zip(tasks, docs)]  # fmt: skip
+    targets = [target_ids(tok, family, t, d) for t, d in zip(tasks, docs)]
     keep = inputs["attention_mask"].bool()  # the prompt tokens of each row, wherever the padding went
     prompt_ids = [inputs["input_ids"][i][keep[i]] for i in range(len(docs))]
     length = max(len(p) + len(t) for p, t in zip(prompt_ids, targets))
