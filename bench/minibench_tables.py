@@ -29,7 +29,7 @@ GRID = {  # scaling grids (a dict: per model.finetune); the paper searches {0.1,
     "iso_c": [0.5, 1.0, 1.5],
     "iso_cts": [0.5, 1.0, 1.5],
     "wudi": [0.5, 1.0, 1.5],
-    "optmerge": {"full": [0.1, 0.2, 0.3], "lora": [0.5, 1.0, 1.5]},
+    "optmerge": {"full": [0.1, 0.3, 0.5], "lora": [0.5, 1.0, 1.5]},
 }
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     root = ensure_built("default")
     methods = args.methods or list_methods()
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = {}
     for family in args.families:
         model = args.qwen2vl_model if family == "qwen2_vl" else MODELS[family]
         rows, sweep = {}, {}
@@ -100,8 +100,11 @@ def main(argv=None) -> int:
             rows[f"{method} (scaling {best[1]})"] = best[2]
         results[model] = {"rows": rows, "sweep": sweep, "limit": args.limit}
         print("\n" + markdown_table(rows, family) + "\n", flush=True)
+    # read again just before writing: two runs (one per family, side by side) add to the same file
+    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+    merged.update(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(json.dumps(merged, indent=2) + "\n")
     return 0
 
 
