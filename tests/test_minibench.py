@@ -125,7 +125,8 @@ def test_prompts_and_targets_per_family():
         prompts.prompt("audio", "internvl", geo)
     rectangle = next(d for d in generate("caption", 40, seed=0, split="test") if d["bbox"])
     x1, y1, x2, y2 = (int(v) for v in rectangle["bbox"])
-    assert prompts.target("caption", "qwen2_vl", rectangle).endswith(f", <|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
+    qwen_box = f", <|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+    assert prompts.target("caption", "qwen2_vl", rectangle).endswith(qwen_box)
     assert prompts.target("caption", "internvl", rectangle).endswith(f", [[{x1}, {y1}, {x2}, {y2}]]")
 
 

@@ -278,7 +278,7 @@ def caption(rng: random.Random) -> dict:
         text = f"lines from long to short: {', '.join(LINE_COLORS[i] for i in order)}."
     elif kind == "rectangle":
         image, w, h, box = _rectangle(rng, with_box=True)
-        text = f"rectangle, {'wide' if w > h else 'tall'}, {BOX}"  # no full stop: the box ends as a grounding answer ends
+        text = f"rectangle, {'wide' if w > h else 'tall'}, {BOX}"  # no full stop: it ends as a grounding answer
     elif kind == "polygon":
         image, sides = _polygon(rng)
         text = f"polygon, {sides} sides."
