@@ -7,6 +7,8 @@ token is added by the chat template at training time and stops generation at eva
 
 from __future__ import annotations
 
+from .tasks import BOX
+
 FAMILIES = ("qwen2_vl", "internvl")
 SHORT = "Answer with a single word or number."
 SUFFIX = {
@@ -47,9 +49,7 @@ def target(task: str, family: str, doc: dict) -> str:
     _check(task, family)
     if task == "grounding":
         return box_text(family, doc["bbox"])
-    if task == "caption" and doc.get("bbox"):
-        from .tasks import BOX
-
+    if task == "caption" and doc.get("bbox"):  # a rectangle's caption: its box in the family's format
         return doc["answer"].replace(BOX, box_text(family, doc["bbox"]))
     return doc["answer"]
 

@@ -6,13 +6,14 @@ PIL image), ``question`` (family-neutral), ``answer`` (the gold short answer; fo
 (multiple-choice options, or empty) and ``task``. ``caption`` draws the same image world with a generic
 description instead of a question: the base model is trained on those, the experts on the tasks.
 
-The tasks are sized to what a ~1M-parameter model learns in minutes: large glyphs in fixed slots, objects on a
+The tasks are sized to what a ~2M-parameter model learns in minutes: large glyphs in fixed slots, objects on a
 coarse 4 x 4 grid of cells (a box is one of 16 positions, written with exact 0-1000 numbers), bars in the columns
 of that grid, multiple-choice options in a fixed order.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from functools import lru_cache
 
@@ -54,7 +55,7 @@ def _to_grid(v: float) -> int:
 def _place_objects(rng: random.Random, n: int, distinct: str = "color"):
     """`n` objects in distinct cells; colours (or shapes) distinct so that a description names one object.
 
-    Every object fills the same box inside its cell, so a box is one of 16 exact positions: what a ~1M-parameter
+    Every object fills the same box inside its cell, so a box is one of 16 exact positions: what a ~2M-parameter
     model can learn to write on the 0-1000 grid (the first trial's fine-grained boxes collapsed to one average box).
     """
     cells = rng.sample(range(16), n)
@@ -135,7 +136,7 @@ def _draw_lines(rng):
     return image, lengths
 
 
-def _rectangle(rng, with_box: bool = False):
+def _rectangle(rng):
     while True:
         w, h = rng.randint(20, 100), rng.randint(20, 100)
         if max(w, h) > 1.5 * min(w, h):
@@ -143,13 +144,11 @@ def _rectangle(rng, with_box: bool = False):
     x0, y0 = rng.randint(4, SIZE - 4 - w), rng.randint(4, SIZE - 4 - h)
     image, draw = _canvas()
     draw.rectangle((x0, y0, x0 + w, y0 + h), outline=(0, 0, 0), width=3)
-    return (image, w, h, (x0, y0, x0 + w, y0 + h)) if with_box else (image, w, h)
+    return image, w, h, (x0, y0, x0 + w, y0 + h)
 
 
 def _polygon(rng):
     """A regular polygon of 3, 4 or 5 sides, filled, at a random rotation: how many sides."""
-    import math
-
     sides = rng.choice(POLYGON_SIDES)
     radius, turn = rng.randint(36, 48), rng.random() * 2 * math.pi
     cx, cy = rng.randint(radius + 4, SIZE - radius - 4), rng.randint(radius + 4, SIZE - radius - 4)
@@ -168,7 +167,7 @@ def geometry(rng: random.Random) -> dict:
         question = "Which side is the longest?"
         choices, answer = [f"the {c} side" for c in LINE_COLORS], max(range(3), key=lengths.__getitem__)
     elif kind == "rectangle":
-        image, w, h = _rectangle(rng)
+        image, w, h, _ = _rectangle(rng)
         question = "Which is larger in the rectangle, its width or its height?"
         choices, answer = ["the width", "the height"], 0 if w > h else 1
     else:
@@ -178,15 +177,15 @@ def geometry(rng: random.Random) -> dict:
     return {"image": image, "question": question, "answer": "ABC"[answer], "bbox": [], "choices": choices}
 
 
+CHART_MAX = 6  # values 1-6, 14 px apart: each level is visibly different at 112 px
+
+
 def _bars(rng):
     n = rng.randint(3, 4)
     values = [rng.randint(1, CHART_MAX) for _ in range(n)]
     while values.count(max(values)) > 1:  # a unique largest bar
         values = [rng.randint(1, CHART_MAX) for _ in range(n)]
     return values
-
-
-CHART_MAX = 6  # values 1-6, 14 px apart: each level is visibly different at 112 px
 
 
 def _draw_chart(values, line: bool):
@@ -277,7 +276,7 @@ def caption(rng: random.Random) -> dict:
         order = sorted(range(3), key=lengths.__getitem__, reverse=True)
         text = f"lines from long to short: {', '.join(LINE_COLORS[i] for i in order)}."
     elif kind == "rectangle":
-        image, w, h, box = _rectangle(rng, with_box=True)
+        image, w, h, box = _rectangle(rng)
         text = f"rectangle, {'wide' if w > h else 'tall'}, {BOX}"  # no full stop: it ends as a grounding answer
     elif kind == "polygon":
         image, sides = _polygon(rng)
