@@ -1,0 +1,83 @@
+"""How a MiniBench expert's own-task score grows with its training steps (one task, one family, from the shipped base).
+
+    PYTHONPATH=src python bench/minibench_expert_steps.py --task grounding --steps 800 1600 3000
+
+Trains the expert as `minibench.build` does (Qwen2-VL: LoRA on the language model with the profile's rank and LoRA
+learning rate; InternVL: full fine-tune), each step count from the same base with the same seed, on the built train
+split, then scores it on the first `--limit` test samples with `minibench.score`. Nothing is written to the built
+root; loss curves go to bench/results/expert_steps/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_expert(root: Path, family: str, task: str, steps: int, log_path: Path):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmbench_merge.minibench.build import _task_batches, get_profile, lora_target
+    from mmbench_merge.minibench.tasks import TASKS
+    from mmbench_merge.minibench.train import train_loop
+
+    profile = get_profile("default")
+    base = AutoModelForImageTextToText.from_pretrained(root / family / "base", dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(root / family / "base")
+    torch.manual_seed(profile.seed + 1 + TASKS.index(task))  # the seed the build uses for this expert
+    if family == "qwen2_vl":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=profile.lora_r, lora_alpha=2 * profile.lora_r, target_modules=lora_target(base),
+                            lora_dropout=0.0)  # fmt: skip
+        expert, lr = get_peft_model(copy.deepcopy(base), config), profile.lora_lr
+    else:
+        expert, lr = copy.deepcopy(base), profile.expert_lr
+    train_loop(expert, family, processor, _task_batches(root, task, profile), steps=steps, lr=lr, log_path=log_path,
+               desc=f"{family} {task} {steps}")  # fmt: skip
+    return (expert.merge_and_unload() if family == "qwen2_vl" else expert), processor
+
+
+def main(argv=None) -> int:
+    import datasets
+    import torch
+
+    from mmbench_merge.minibench import ensure_built
+    from mmbench_merge.minibench.score import correct, generate
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "internvl"])
+    parser.add_argument("--task", default="grounding")
+    parser.add_argument("--steps", type=int, nargs="+", default=[800, 1600, 3000])
+    parser.add_argument("--limit", type=int, default=100, help="test samples scored")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    root = ensure_built("default")
+    ds = datasets.load_from_disk(str(root / "data" / args.task / "test"))
+    docs = [ds[i] for i in range(min(args.limit, len(ds)))]
+    out_dir = REPO / "bench" / "results" / "expert_steps"
+    results = {}
+    for steps in args.steps:
+        started = time.perf_counter()
+        log_path = out_dir / f"{args.family}_{args.task}_{steps}.jsonl"
+        model, processor = train_expert(root, args.family, args.task, steps, log_path)
+        if args.family == "internvl":  # scored as internvl_hf loads it
+            model = model.to(torch.bfloat16)
+        answers = generate(model.eval(), processor, args.family, args.task, docs)
+        results[steps] = 100.0 * sum(correct(args.task, a, d) for a, d in zip(answers, docs)) / len(docs)
+        print(f"{args.family} {args.task} {steps} steps: {results[steps]:.1f} on {len(docs)} test samples "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    summary = out_dir / f"{args.family}_{args.task}.json"
+    summary.write_text(json.dumps({"limit": len(docs), "scores": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
