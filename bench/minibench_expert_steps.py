@@ -11,7 +11,6 @@ root; loss curves go to bench/results/expert_steps/.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -24,24 +23,15 @@ def train_expert(root: Path, family: str, task: str, steps: int, log_path: Path)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmbench_merge.minibench.build import _task_batches, get_profile, lora_target
+    from mmbench_merge.minibench import build
     from mmbench_merge.minibench.tasks import TASKS
-    from mmbench_merge.minibench.train import train_loop
 
-    profile = get_profile("default")
+    profile = build.get_profile("default")
     base = AutoModelForImageTextToText.from_pretrained(root / family / "base", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(root / family / "base")
     torch.manual_seed(profile.seed + 1 + TASKS.index(task))  # the seed the build uses for this expert
-    if family == "qwen2_vl":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=profile.lora_r, lora_alpha=2 * profile.lora_r, target_modules=lora_target(base),
-                            lora_dropout=0.0)  # fmt: skip
-        expert, lr = get_peft_model(copy.deepcopy(base), config), profile.lora_lr
-    else:
-        expert, lr = copy.deepcopy(base), profile.expert_lr
-    train_loop(expert, family, processor, _task_batches(root, task, profile), steps=steps, lr=lr, log_path=log_path,
-               desc=f"{family} {task} {steps}")  # fmt: skip
+    expert = build.train_expert(base, family, processor, build._task_batches(root, task, profile), profile, steps,
+                                log_path, f"{family} {task} {steps}")  # fmt: skip
     return (expert.merge_and_unload() if family == "qwen2_vl" else expert), processor
 
 

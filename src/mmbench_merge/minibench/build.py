@@ -171,8 +171,6 @@ def lora_target(model) -> str:
 
 def build_family(root: str, family: str, profile_name: str, position: int = 0) -> None:
     """Train the base and five experts of `family` under `root/family` (one process, one thread)."""
-    import copy
-
     import torch
     from transformers import AutoTokenizer
 
@@ -201,25 +199,38 @@ def build_family(root: str, family: str, profile_name: str, position: int = 0) -
         torch.manual_seed(profile.seed + 1 + i)
         batches = _task_batches(root, task, profile)
         desc, log_path = f"{family} {task}", logs / f"{family}_{task}.jsonl"
-        if family == "qwen2_vl":  # LoRA on the language model, as the paper's Qwen2-VL experts
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(r=profile.lora_r, lora_alpha=2 * profile.lora_r, target_modules=lora_target(base),
-                                lora_dropout=0.0)  # fmt: skip
-            expert = get_peft_model(copy.deepcopy(base), config)
-            train_loop(expert, family, processor, batches, steps=profile.expert_steps, lr=profile.lora_lr,
-                       log_path=log_path, desc=desc, position=position)  # fmt: skip
+        expert = train_expert(base, family, processor, batches, profile, profile.expert_steps, log_path, desc,
+                              position)  # fmt: skip
+        if family == "qwen2_vl":
             def write_adapter(tmp: Path, expert=expert) -> None:
                 expert.save_pretrained(tmp)
                 _relative_base(tmp)
 
             _atomic_dir(out / task, write_adapter)
             save_model_dir(expert.merge_and_unload(), processor, out / f"{task}_full")
-        else:  # full fine-tuning, as the paper's InternVL experts
-            expert = copy.deepcopy(base)
-            train_loop(expert, family, processor, batches, steps=profile.expert_steps, lr=profile.expert_lr,
-                       log_path=log_path, desc=desc, position=position)  # fmt: skip
+        else:
             save_model_dir(expert, processor, out / task)
+
+
+def train_expert(base, family: str, processor, batches, profile: Profile, steps: int, log_path: Path, desc: str,
+                 position: int = 0):
+    """One expert fine-tuned from a copy of `base`: Qwen2-VL a PEFT LoRA on the language model (as the paper's
+    Qwen2-VL experts), InternVL every weight (as its InternVL experts). Seed torch first for a reproducible one."""
+    import copy
+
+    from .train import train_loop
+
+    if family == "qwen2_vl":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=profile.lora_r, lora_alpha=2 * profile.lora_r, target_modules=lora_target(base),
+                            lora_dropout=0.0)  # fmt: skip
+        expert, lr = get_peft_model(copy.deepcopy(base), config), profile.lora_lr
+    else:
+        expert, lr = copy.deepcopy(base), profile.expert_lr
+    train_loop(expert, family, processor, batches, steps=steps, lr=lr, log_path=log_path, desc=desc,
+               position=position)  # fmt: skip
+    return expert
 
 
 def _relative_base(adapter_dir: Path) -> None:
