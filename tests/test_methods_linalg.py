@@ -199,7 +199,10 @@ def test_optimisation_matches_a_reference_loop_and_lowers_the_loss(method, shape
         targets, projectors, norms = wudi_pieces(tvs)
     else:
         targets, projectors, norms = optmerge_pieces(tvs, center=settings.get("center", True))
-    loss = lambda tau: weighted_loss(tau, targets, projectors, norms)
+
+    def loss(tau):
+        return weighted_loss(tau, targets, projectors, norms)
+
     init = sum(tvs) if settings["init"] == "sum" else sum(tvs) / len(tvs)
     expected = reference_loop(init, loss, settings["optimizer"], settings["lr"], settings["momentum"],
                               settings["iters"])  # fmt: skip
@@ -228,7 +231,10 @@ def test_zero_task_vector_drops_out_of_the_loss():
         merged = get_method(method)(tvs, lr=1e-3, iters=30)
         assert torch.isfinite(merged).all()
     targets, projectors, norms = wudi_pieces(tvs)
-    loss = lambda tau: weighted_loss(tau, targets, projectors, norms)
+
+    def loss(tau):
+        return weighted_loss(tau, targets, projectors, norms)
+
     expected = reference_loop(sum(tvs), loss, "adam", 1e-3, 0.9, 30)
     assert_close(get_method("wudi")(tvs, lr=1e-3, iters=30), expected, rtol=1e-3)
 
