@@ -186,15 +186,55 @@ def micro(tmp_path_factory):
 
 
 def test_concurrent_builds_make_one_complete_root(micro):
+    from mmbench_merge.minibench.build import get_profile
+
     root = micro["root"]
     assert micro["n_roots"] == 1
     assert (root / "build.json").is_file()
     builds = (micro["cache"] / "minibench" / "builds.log").read_text().splitlines()
     assert len(builds) == 1, builds  # the second process waited on the lock and found the build complete
     assert not [p for p in root.parent.iterdir() if ".partial" in p.name or ".tmp" in p.name]  # no leftovers
+    profile = get_profile("micro")
     for family in ("qwen2_vl", "internvl"):
         for task in ("base", *TASKS):
-            assert (root / "logs" / f"{family}_{task}.jsonl").stat().st_size > 0  # loss curves
+            curve = (root / "logs" / f"{family}_{task}.jsonl").read_text().splitlines()  # loss curves
+            steps = profile.base_steps if task == "base" else profile.steps_for(task)
+            assert [json.loads(line)["step"] for line in curve] == list(range(steps)), (family, task)
+    assert profile.steps_for("grounding") != profile.expert_steps  # the per-task override is exercised
+
+
+RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+from mmbench_merge.minibench.build import build, get_profile
+build(Path(sys.argv[1]), get_profile("micro"), parallel=False)
+"""
+
+
+def test_resumed_build_trains_the_same_experts(micro, tmp_path):
+    """A build resumed from some finished model dirs retrains the missing experts to the very same weights an
+    uninterrupted build wrote: each expert has its own seed and its own batches, and the base reloads exactly."""
+    import shutil
+
+    from mmbench_merge.minibench.build import config_hash, get_profile
+
+    root, partial = micro["root"], tmp_path / "partial"
+    shutil.copytree(root, partial)
+    (partial / "build.json").unlink()
+    (partial / "data.done").write_text(config_hash(get_profile("micro")) + "\n")
+    missing = ["qwen2_vl/ocr", "qwen2_vl/ocr_full", "internvl/grounding"]
+    for item in missing:
+        shutil.rmtree(partial / item)
+    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(partial)], env=micro["env"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (partial / "build.json").is_file()
+    for item in missing:
+        files = sorted(f.relative_to(root / item) for f in (root / item).rglob("*") if f.is_file())
+        assert files == sorted(f.relative_to(partial / item) for f in (partial / item).rglob("*") if f.is_file())
+        assert any(f.suffix == ".safetensors" for f in files), item
+        for name in files:  # byte for byte: weights, configs, the adapter's model card (no machine path in it)
+            assert (root / item / name).read_bytes() == (partial / item / name).read_bytes(), f"{item}/{name}"
 
 
 def test_tokenizer_writes_digits_and_capitals_one_per_token(micro):
