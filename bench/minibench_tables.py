@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python bench/minibench_tables.py                      # both families, every method, 200 / task
     PYTHONPATH=src python bench/minibench_tables.py --limit 100 --methods task_arithmetic ties
+    PYTHONPATH=src python bench/minibench_tables.py --methods wudi --set method.lr=1e-3 --skip-reference \
+        --out bench/results/minibench_lr.json       # a family's entry in --out is replaced: keep experiments apart
 
 Merges go through the real path (Hydra-composed conf/model/mini_*.yaml and conf/method/*.yaml ->
 engine.merge_model -> a checkpoint on disk); scoring is minibench.score (greedy generation encoded as lmms-eval's
@@ -33,14 +35,15 @@ GRID = {  # scaling grids (a dict: per model.finetune); the paper searches {0.1,
 }
 
 
-def compose(model: str, method: str, scaling: float | None):
+def compose(model: str, method: str, scaling: float | None, extra: tuple[str, ...] = ()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from mmbench_merge.config import register_configs
 
     register_configs()
-    overrides = [f"model={model}", f"method={method}"] + ([f"method.scaling={scaling}"] if scaling is not None else [])
+    overrides = [f"model={model}", f"method={method}", *extra]
+    overrides += [f"method.scaling={scaling}"] if scaling is not None else []
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
 
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--qwen2vl-model", default="mini_qwen2vl", choices=["mini_qwen2vl", "mini_qwen2vl_full"],
                         help="Qwen2-VL experts as LoRA adapters or merged into full weights")  # fmt: skip
     parser.add_argument("--skip-reference", action="store_true", help="no base / expert rows")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra overrides for every merge, e.g. method.lr=1e-3")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "minibench_tables.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
         for method in methods:
             best = None
             for scaling in grid_for(method, model):
-                cfg = compose(model, method, scaling)
+                cfg = compose(model, method, scaling, tuple(args.set))
                 started = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
                     merge_model(cfg.model, dict(cfg.method), out_dir=Path(tmp) / "merged", device="cpu")
