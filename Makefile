@@ -44,7 +44,7 @@ leaderboard: install
 clean:
 	rm -rf .cache runs .pytest_cache
 
-# Rebuild the shipped MiniBench (tiny trained models + datasets) in prebuilt/minibench/: ~45 min on 2 cores.
+# Rebuild the shipped MiniBench (tiny trained models + datasets) in prebuilt/minibench/: ~80 min on 2 cores.
 .PHONY: minibench
 minibench: install
 	$(PY) -m mmbench_merge.minibench build --profile default --out prebuilt/minibench
