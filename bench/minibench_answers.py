@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from minibench_tables import MODELS, compose  # noqa: E402
+from minibench_tables import MODELS, add_to_json, compose  # noqa: E402
 
 
 def answer_space(data_root: Path) -> dict:
@@ -107,10 +107,7 @@ def main(argv=None) -> int:
             print(f"{family} {row}: {rows[row]}", flush=True)
         results[model] = rows
         print("\n" + markdown(rows, model) + "\n", flush=True)
-    merged = json.loads(args.out.read_text()) if args.out.exists() else {}  # two families side by side
-    merged.update(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    add_to_json(args.out, results)
     return 0
 
 

@@ -105,12 +105,19 @@ def main(argv=None) -> int:
             rows[f"{method} (scaling {best[1]})"] = best[2]
         results[model] = {"rows": rows, "sweep": sweep, "limit": args.limit}
         print("\n" + markdown_table(rows, family) + "\n", flush=True)
-    # read again just before writing: two runs (one per family, side by side) add to the same file
-    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-    merged.update(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    add_to_json(args.out, results)
     return 0
+
+
+def add_to_json(path: Path, results: dict) -> None:
+    """Add `results` (one entry per model) to the JSON at `path`, read again just before writing: two runs, one per
+    family side by side, add to the same file. Written through a temporary file, so a crash leaves the old one."""
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
