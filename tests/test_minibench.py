@@ -212,7 +212,7 @@ build(Path(sys.argv[1]), get_profile("micro"), parallel=False)
 
 
 def test_resumed_build_trains_the_same_experts(micro, tmp_path):
-    """A build resumed from some finished model dirs retrains the missing experts to the very same weights an
+    """A build resumed from some finished model dirs retrains the missing experts into the very same files an
     uninterrupted build wrote: each expert has its own seed and its own batches, and the base reloads exactly."""
     import shutil
 
