@@ -44,20 +44,13 @@ def answer_space(data_root: Path) -> dict:
 
 
 def describe(model_dir: Path, family: str, data_root: Path, space: dict, limit: int) -> dict:
-    import datasets
+    from mmbench_merge.minibench.score import accuracy, predict
 
-    from mmbench_merge.minibench.score import correct, generate, load_model
-    from mmbench_merge.minibench.tasks import TASKS
-
-    model, processor = load_model(model_dir, family)
     out = {}
-    for task in TASKS:
-        ds = datasets.load_from_disk(str(data_root / task / "test"))
-        docs = [ds[i] for i in range(min(limit, len(ds)))]
-        predictions = generate(model, processor, family, task, docs)
+    for task, (docs, predictions) in predict(model_dir, family, data_root, limit=limit).items():
         top, count = Counter(predictions).most_common(1)[0]
         out[task] = {"well_formed": 100.0 * sum(map(space[task], predictions)) / len(docs),
-                     "accuracy": 100.0 * sum(correct(task, p, d) for p, d in zip(predictions, docs)) / len(docs),
+                     "accuracy": accuracy(task, predictions, docs),
                      "top": top, "top_share": 100.0 * count / len(docs)}  # fmt: skip
     return out
 

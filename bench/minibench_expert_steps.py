@@ -24,23 +24,21 @@ def train_expert(root: Path, family: str, task: str, steps: int, log_path: Path)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmbench_merge.minibench import build
-    from mmbench_merge.minibench.tasks import TASKS
 
     profile = build.get_profile("default")
     base = AutoModelForImageTextToText.from_pretrained(root / family / "base", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(root / family / "base")
-    torch.manual_seed(profile.seed + 1 + TASKS.index(task))  # the seed the build uses for this expert
+    torch.manual_seed(build.expert_seed(profile, task))  # the seed the build uses for this expert
     expert = build.train_expert(base, family, processor, build._task_batches(root, task, profile), profile, steps,
                                 log_path, f"{family} {task} {steps}")  # fmt: skip
     return (expert.merge_and_unload() if family == "qwen2_vl" else expert), processor
 
 
 def main(argv=None) -> int:
-    import datasets
     import torch
 
     from mmbench_merge.minibench import ensure_built
-    from mmbench_merge.minibench.score import correct, generate
+    from mmbench_merge.minibench.score import accuracy, generate, load_test_docs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "internvl"])
@@ -50,8 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     root = ensure_built("default")
-    ds = datasets.load_from_disk(str(root / "data" / args.task / "test"))
-    docs = [ds[i] for i in range(min(args.limit, len(ds)))]
+    docs = load_test_docs(root / "data", args.task, args.limit)
     out_dir = REPO / "bench" / "results" / "expert_steps"
     results = {}
     for steps in args.steps:
@@ -61,7 +58,7 @@ def main(argv=None) -> int:
         if args.family == "internvl":  # scored as internvl_hf loads it
             model = model.to(torch.bfloat16)
         answers = generate(model.eval(), processor, args.family, args.task, docs)
-        results[steps] = 100.0 * sum(correct(args.task, a, d) for a, d in zip(answers, docs)) / len(docs)
+        results[steps] = accuracy(args.task, answers, docs)
         print(f"{args.family} {args.task} {steps} steps: {results[steps]:.1f} on {len(docs)} test samples "
               f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     summary = out_dir / f"{args.family}_{args.task}.json"

@@ -201,10 +201,10 @@ def build_family(root: str, family: str, profile_name: str, position: int = 0) -
                    lr=profile.base_lr, log_path=logs / f"{family}_base.jsonl", desc=f"{family} base",
                    position=position)  # fmt: skip
         save_model_dir(base, processor, out / "base")
-    for i, task in enumerate(TASKS):
+    for task in TASKS:
         if (out / task).is_dir() and (family != "qwen2_vl" or (out / f"{task}_full").is_dir()):
             continue  # done before an interruption
-        torch.manual_seed(profile.seed + 1 + i)
+        torch.manual_seed(expert_seed(profile, task))
         batches = _task_batches(root, task, profile)
         desc, log_path = f"{family} {task}", logs / f"{family}_{task}.jsonl"
         expert = train_expert(base, family, processor, batches, profile, profile.steps_for(task), log_path, desc,
@@ -218,6 +218,11 @@ def build_family(root: str, family: str, profile_name: str, position: int = 0) -
             save_model_dir(expert.merge_and_unload(), processor, out / f"{task}_full")
         else:
             save_model_dir(expert, processor, out / task)
+
+
+def expert_seed(profile: Profile, task: str) -> int:
+    """The torch seed `task`'s expert is trained under (its LoRA init): one per task, whatever else was built."""
+    return profile.seed + 1 + TASKS.index(task)
 
 
 def train_expert(base, family: str, processor, batches, profile: Profile, steps: int, log_path: Path, desc: str,

@@ -76,17 +76,31 @@ def generate(model, processor, family: str, task: str, docs: list[dict], batch_s
     return answers
 
 
-def score_model(model_dir: Path, family: str, data_root: Path, tasks=TASKS, limit: int | None = None) -> dict:
+def load_test_docs(data_root: Path, task: str, limit: int | None = None) -> list[dict]:
+    """The first `limit` (default: all) samples of `task`'s test split."""
     import datasets
 
+    ds = datasets.load_from_disk(str(data_root / task / "test"))
+    return [ds[i] for i in range(len(ds) if limit is None else min(limit, len(ds)))]
+
+
+def accuracy(task: str, predictions: list[str], docs: list[dict]) -> float:
+    return 100.0 * sum(correct(task, p, d) for p, d in zip(predictions, docs)) / len(docs)
+
+
+def predict(model_dir: Path, family: str, data_root: Path, tasks=TASKS, limit: int | None = None) -> dict:
+    """task -> (test docs, the model's greedy answers to them)."""
     model, processor = load_model(model_dir, family)
-    scores = {}
+    out = {}
     for task in tasks:
-        ds = datasets.load_from_disk(str(data_root / task / "test"))
-        docs = [ds[i] for i in range(len(ds) if limit is None else min(limit, len(ds)))]
-        predictions = generate(model, processor, family, task, docs)
-        scores[task] = 100.0 * sum(correct(task, p, d) for p, d in zip(predictions, docs)) / len(docs)
-    return scores
+        docs = load_test_docs(data_root, task, limit)
+        out[task] = (docs, generate(model, processor, family, task, docs))
+    return out
+
+
+def score_model(model_dir: Path, family: str, data_root: Path, tasks=TASKS, limit: int | None = None) -> dict:
+    return {task: accuracy(task, predictions, docs)
+            for task, (docs, predictions) in predict(model_dir, family, data_root, tasks, limit).items()}  # fmt: skip
 
 
 def model_dirs(root: Path, family: str) -> dict[str, Path]:
