@@ -10,16 +10,36 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# torch/torchvision are pinned here (constraints.txt), not in pyproject.toml, so cluster users keep their build.
-# lmms-eval's latex2sympy2 pins antlr4 4.7.2 while Hydra needs 4.9.*: 4.9.3 is put back last (both work with it).
-$(STAMP): pyproject.toml constraints.txt
+# The install is exact: requirements.lock pins every package (made by `make lock` from pyproject's ranges under
+# constraints.txt). torch/torchvision come first through pip (this machine keeps its wheels on disk, where uv does
+# not look; on a cluster pip takes your index), then everything else through uv without resolving anything.
+# INSTALLER=pip does the second step with pip instead (slower, no uv needed).
+INSTALLER ?= uv
+UV_VERSION := 0.13.9
+TORCH_LINES := ^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
+$(STAMP): requirements.lock constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e ".[all]"
-	$(PY) -m pip install -q antlr4-python3-runtime==4.9.3 2>&1 | grep -v "latex2sympy2 .* requires antlr4" || true
+	grep -vE '$(TORCH_LINES)' requirements.lock > $(VENV)/lock-without-torch.txt
+ifeq ($(INSTALLER),pip)
+	$(PY) -m pip install -q --no-deps -r $(VENV)/lock-without-torch.txt
+else
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -r $(VENV)/lock-without-torch.txt
+endif
+	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -c "import torch, hydra, transformers, lmms_eval; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $@
+
+# Regenerate requirements.lock from pyproject.toml's ranges (needs uv and the package index) and list what changed.
+.PHONY: lock
+lock:
+	@command -v uv >/dev/null || $(PYTHON) -m pip install -q uv==$(UV_VERSION)
+	@cp requirements.lock .lock.old 2>/dev/null || touch .lock.old
+	uv pip compile pyproject.toml --extra all -c constraints.txt --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header --quiet -o requirements.lock
+	@diff <(grep -E '^[A-Za-z0-9]' .lock.old | sort) <(grep -E '^[A-Za-z0-9]' requirements.lock | sort) \
+		| sed -n 's/^< /  was: /p; s/^> /  now: /p' ; rm -f .lock.old; echo "requirements.lock written"
 
 # The main job on its embedded default: the offline MiniBench (mini_qwen2vl, optmerge, suite=minibench).
 demo: install
