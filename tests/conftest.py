@@ -22,6 +22,13 @@ for _var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
     os.environ[_var] = str(_wandb_home / _var.lower())
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Leave no W&B state behind in /tmp."""
+    import shutil
+
+    shutil.rmtree(_wandb_home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """Fixture families: qwen2_vl (its ocr expert a LoRA adapter, sharded files), internvl (all full

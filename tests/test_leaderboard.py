@@ -3,6 +3,7 @@ numbers, the HTML (checked in headless Chromium when it is installed), the PNGs 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -103,7 +104,7 @@ def test_tables_from_recorded_rows(mini_runs, tmp_path):
     assert [c.label for c in board.columns] == ["MiniVQA", "MiniGQA", "MiniOCR"]
     best = {t["key"]: t for t in out["tables"]}["mini_minibench_best"]
     cols = best["columns"]
-    assert cols == ["row", "settings", "MiniVQA", "MiniGQA", "MiniOCR", "VQA avg", "OCR avg", "Avg", "tasks"]
+    assert cols == ["row", "settings", "MiniVQA", "MiniGQA", "MiniOCR", "VQA avg", "OCR avg", "Avg", "tasks", "n/task"]
     rows = {r[0]: dict(zip(cols, r)) for r in best["data"]}
     assert list(rows) == [
         "base",
@@ -308,3 +309,18 @@ def test_rows_file_given_directly_and_runs_counted_once(mini_runs, tmp_path):
     assert out["runs"] == 11  # ten run directories (one given twice) + the loose file
     best = {t["key"]: t for t in out["tables"]}["mini_minibench_best"]
     assert [r[0] for r in best["data"]][-3:] == ["weight_average", "task_arithmetic", "ties"]
+
+
+def test_samples_per_task_column_shows_mixed_sizes(tmp_path):
+    """Runs of 50 and 20 samples per task in one entry: the n/task column says 20-50, not one size."""
+    root = tmp_path / "runs"
+    write_run(root, "base", {"mini_vqa": 20.0, "mini_gqa": 30.0, "mini_ocr": 10.0})
+    small = write_run(root, "ties", {"mini_vqa": 40.0}, scaling=0.5, params={"density": 0.2})
+    rows = [json.loads(line) for line in (small / RESULTS_FILE).read_text().splitlines()]
+    write_rows(small / RESULTS_FILE, [{**r, "n_samples": 20} for r in rows])
+    write_run(root, "ties", {"mini_gqa": 45.0, "mini_ocr": 50.0}, scaling=0.5, params={"density": 0.2})
+    out = build_leaderboard([root], tmp_path / "lb")
+    best = {t["key"]: t for t in out["tables"]}["mini_minibench_best"]
+    rows = {r[0]: dict(zip(best["columns"], r)) for r in best["data"]}
+    assert rows["base"]["n/task"] == "50"
+    assert rows["ties"]["n/task"] == "20-50"

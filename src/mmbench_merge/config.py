@@ -27,6 +27,7 @@ class ModelConfig:
     finetune: str = "full"  # full | lora: selects method presets (OptMerge's variant, scaling)
     base: str = MISSING  # local directory or hub id
     experts: Dict[str, str] = field(default_factory=dict)  # capability -> dir, hub id or PEFT adapter dir
+    use: Optional[List[str]] = None  # the experts to merge (model.use=[vqa,ocr]); null = every expert
     merge: MergeSelection = field(default_factory=MergeSelection)
     files_from: str = "base"  # "base" or an expert's key: where tokenizer/processor/chat template come from
     dtype: str = "bfloat16"  # dtype the evaluator loads the model in

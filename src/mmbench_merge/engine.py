@@ -230,9 +230,7 @@ def open_model(model_cfg, family: Family) -> tuple[SafetensorsCheckpoint, dict[s
     """Resolve and open the base and every expert of a model config."""
     base_path = resolve(model_cfg.base, model_cfg.revision)
     base = SafetensorsCheckpoint(base_path)
-    if not model_cfg.experts:
-        raise MergeError(f"model {model_cfg.name}: no experts given")
-    paths = {key: resolve(src, model_cfg.revision) for key, src in model_cfg.experts.items()}
+    paths = {key: resolve(src, model_cfg.revision) for key, src in used_experts(model_cfg).items()}
     experts = [Expert(key, path, base, family) for key, path in paths.items()]
     return base, paths, experts
 
@@ -292,15 +290,40 @@ def merge_model(
     return MergeResult(report, merged_dir, state_dict)
 
 
+def used_experts(model_cfg) -> dict[str, str]:
+    """The experts a merge uses: all of model.experts, or the subset model.use names (in that order).
+
+    model.use exists because a command-line `model.experts={vqa: ...}` is merged by Hydra into the YAML's dict
+    and so silently keeps every expert; `model.use=[vqa,ocr]` is explicit, recorded and fingerprinted.
+    """
+    experts = dict(model_cfg.experts or {})
+    if not experts:
+        raise MergeError(f"model {model_cfg.name}: no experts given")
+    use = model_cfg.get("use")
+    if use is None:
+        return experts
+    use = list(use)
+    if not use:
+        raise MergeError("model.use: empty list (leave it null to merge every expert)")
+    unknown = [key for key in use if key not in experts]
+    if unknown:
+        raise MergeError(f"model.use: {unknown[0]!r} is not an expert of model {model_cfg.name} ({', '.join(experts)})")
+    if len(set(use)) != len(use):
+        raise MergeError(f"model.use: an expert is named twice in {use}")
+    return {key: experts[key] for key in use}
+
+
 def files_source(model_cfg, base_path: Path, expert_paths: dict[str, Path]) -> Path:
-    """Where the non-weight files (tokenizer, processor, chat template, remote code) come from."""
-    if model_cfg.files_from == "base":
+    """Where the non-weight files (tokenizer, processor, chat template, remote code) come from: the base, or an
+    expert of model.experts (also one that model.use leaves out of the merge)."""
+    key = model_cfg.files_from
+    if key == "base":
         return base_path
-    if model_cfg.files_from not in expert_paths:
-        raise MergeError(
-            f"model.files_from: {model_cfg.files_from!r} is neither 'base' nor an expert ({', '.join(expert_paths)})"
-        )
-    return expert_paths[model_cfg.files_from]
+    if key in expert_paths:
+        return expert_paths[key]
+    if key not in (model_cfg.experts or {}):
+        raise MergeError(f"model.files_from: {key!r} is neither 'base' nor an expert ({', '.join(model_cfg.experts or {})})")
+    return resolve(model_cfg.experts[key], model_cfg.revision)
 
 
 def verify_checkpoint(path: Path, base: SafetensorsCheckpoint) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -82,7 +83,7 @@ RUN_FILE = "run.json"
 VOLATILE_KEYS = ("rerun", "device", "logger", "shard_size_mb", "runs_dir", "hydra")
 
 # Directories a run writes that never hold other runs: not descended into when looking for completed runs.
-_NOT_RUN_DIRS = {"merged", "wandb", ".hydra", ".submitit", "__pycache__"}
+_NOT_RUN_DIRS = {"merged", "wandb", ".hydra", ".submitit", "__pycache__", ".locks"}
 
 
 def resolved_config(cfg) -> dict:
@@ -110,21 +111,28 @@ class RunRecord:
     git_commit: str | None
     seed: int
     started_at: str
-    status: str = "running"  # running | complete | skipped | failed (killed runs stay "running")
+    status: str = "running"  # running | complete | skipped | failed; a dead pid's "running" reads as killed
     finished_at: str | None = None
     duration_s: float | None = None
     same_as: str | None = None  # for a skipped run: the directory holding the completed run's results
     error: str | None = None  # for a failed run: the exception, one line
     summary: dict = field(default_factory=dict)
+    host: str = field(default_factory=socket.gethostname)  # with pid: tells a killed run from a running one
+    pid: int = field(default_factory=os.getpid)
 
     @classmethod
-    def start(cls, cfg, run_dir: Path) -> "RunRecord":
+    def create(cls, cfg) -> "RunRecord":
+        """The record of a run about to start; written by `write` (run.json), not here."""
         config = resolved_config(cfg)
         now = datetime.now(timezone.utc)
         fingerprint = config_fingerprint(config)
         run_id = f"{now:%Y%m%d-%H%M%S}-{fingerprint[:8]}-{secrets.token_hex(2)}"
-        record = cls(run_id, fingerprint, config, git_commit(), int(config.get("seed", 0)),
-                     now.isoformat(timespec="seconds"))  # fmt: skip
+        return cls(run_id, fingerprint, config, git_commit(), int(config.get("seed", 0)),
+                   now.isoformat(timespec="seconds"))  # fmt: skip
+
+    @classmethod
+    def start(cls, cfg, run_dir: Path) -> "RunRecord":
+        record = cls.create(cfg)
         record.write(run_dir)
         return record
 
@@ -163,6 +171,35 @@ def read_record(run_dir: Path) -> dict | None:
 
 def is_complete(run_dir: Path) -> bool:
     return (Path(run_dir) / RESULTS_FILE).is_file()
+
+
+def process_alive(host: str | None, pid: int | None) -> bool:
+    """Whether the process that wrote a record still runs; True when that cannot be told (another host)."""
+    if not pid or host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def effective_status(record: dict | None) -> str | None:
+    """The record's status, with "killed" for a "running" record whose process is gone (same host)."""
+    if record is None:
+        return None
+    status = record.get("status")
+    if status == "running" and not process_alive(record.get("host"), record.get("pid")):
+        return "killed"
+    return status
+
+
+def completed_here(run_dir: Path, fingerprint: str) -> bool:
+    """`run_dir` itself holds complete results of this fingerprint (a relaunch into the same directory)."""
+    record = read_record(run_dir)
+    return bool(record and record.get("fingerprint") == fingerprint and is_complete(run_dir))
 
 
 def iter_run_dirs(root: Path):

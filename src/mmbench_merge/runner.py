@@ -5,14 +5,15 @@ Each step is one function so that each stays readable:
     evaluate       -> task scores from the evaluator (evaluation/)
     record_rows    -> run.json, then results.jsonl (results.py), written last: its presence marks the run done
     log_step       -> the logger (W&B or none), then a summary table on stdout
-A run whose resolved config (minus VOLATILE_KEYS) already has complete results under runs_dir is skipped
-(`already_done` / `skip`); rerun=true runs it again.
+A run whose resolved config (minus VOLATILE_KEYS) already has complete results (its own directory, the sweep
+directory, runs_dir) is not run again (`finished_here`, `already_done` / `skip`); rerun=true runs it again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from .results import (
     MERGE_REPORT_FILE,
     RESULTS_FILE,
     RunRecord,
+    completed_here,
     find_completed,
     format_summary,
+    read_record,
     read_rows,
     write_json_atomic,
     write_rows,
@@ -46,24 +49,58 @@ class PreparedModel:
     report: dict | None = None  # merge_report.json contents (None for reference rows)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Execute one configured run inside `run_dir`; returns a summary dict."""
+def run(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict:
+    """Execute one configured run inside `run_dir` (a job of the sweep in `sweep_dir`); returns a summary dict.
+
+    A run whose complete results already exist is not run again (rerun=true forces it): in its own directory
+    (a relaunch into the same sweep directory) nothing is touched; elsewhere (the sweep directory, runs_dir) the
+    job records where they are. One lock per resolved config makes two launches compute a point once.
+    """
     from .loggers import check_logger
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     check_logger(cfg)
-    record = RunRecord.start(cfg, run_dir)
-    done = already_done(cfg, run_dir, record)
-    if done is not None:
-        return skip(run_dir, record, done, t0)
+    record = RunRecord.create(cfg)
+    rerun = bool(cfg.get("rerun", False))
+    if not rerun and completed_here(run_dir, record.fingerprint):
+        return finished_here(run_dir, record)
+    with point_lock(Path(cfg.get("runs_dir") or "runs"), record.fingerprint):
+        if not rerun and completed_here(run_dir, record.fingerprint):  # a launch into the same directory did it
+            return finished_here(run_dir, record)
+        done = None if rerun else already_done(cfg, run_dir, record, sweep_dir)
+        (run_dir / RESULTS_FILE).unlink(missing_ok=True)  # a reused directory: another config's or a rerun's
+        record.write(run_dir)
+        if done is not None:
+            return skip(run_dir, record, done, t0)
+        try:
+            return execute(cfg, run_dir, record, t0)
+        except BaseException as exc:  # recorded, then raised as before
+            if not (run_dir / RESULTS_FILE).exists():  # results on disk: the run is done whatever failed after
+                record.finish(run_dir, "failed", time.perf_counter() - t0, error=_one_line(exc))
+            raise
 
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@contextmanager
+def point_lock(runs_root: Path, fingerprint: str):
+    """An exclusive lock per resolved config under <runs_dir>/.locks: a second launch of the same point waits,
+    then finds it complete. flock is released by the kernel when a process dies, so a kill leaves no lock."""
+    import fcntl
+
+    lock_dir = runs_root / ".locks"
     try:
-        return execute(cfg, run_dir, record, t0)
-    except BaseException as exc:  # recorded, then raised as before
-        if not (run_dir / RESULTS_FILE).exists():  # results on disk: the run is done whatever failed after
-            record.finish(run_dir, "failed", time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
-        raise
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_dir / f"{fingerprint}.lock", "a")
+    except OSError as exc:
+        raise MergeError(f"runs_dir: cannot create the lock file in {lock_dir} ({exc.strerror or exc})") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dict:
@@ -88,19 +125,44 @@ def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dic
 
 
 # ------------------------------------------------------------------------------------------ skip on rerun
-def already_done(cfg: DictConfig, run_dir: Path, record: RunRecord) -> Path | None:
-    """A complete run of the same resolved config under runs_dir (None with rerun=true or when there is none)."""
-    if cfg.get("rerun", False):
-        return None
-    root = Path(cfg.get("runs_dir") or "runs")
-    return find_completed(record.fingerprint, root, exclude=run_dir)
+def already_done(cfg: DictConfig, run_dir: Path, record: RunRecord, sweep_dir: Path | None = None) -> Path | None:
+    """A complete run of the same resolved config: in the sweep directory this job writes to, then anywhere
+    under runs_dir (None when there is none)."""
+    roots = [Path(sweep_dir)] if sweep_dir is not None else []
+    roots.append(Path(cfg.get("runs_dir") or "runs"))
+    for root in roots:
+        found = find_completed(record.fingerprint, root, exclude=run_dir)
+        if found is not None:
+            return found
+    return None
+
+
+def finished_here(run_dir: Path, record: RunRecord) -> dict:
+    """This job's own directory already holds its complete results: touch nothing, show them."""
+    done = read_record(run_dir) or {}
+    log.info("already complete in %s: nothing to do (rerun=true runs it again)", run_dir)
+    _print_finished(run_dir, done)
+    return {"run_dir": str(run_dir), "run_id": done.get("run_id"), "status": "complete", "already_complete": True}
 
 
 def skip(run_dir: Path, record: RunRecord, done: Path, t0: float) -> dict:
     """Record in this job's run.json that the results live in `done`; write no results.jsonl of its own."""
     log.info("skipping: results for the same config already exist in %s (rerun=true runs it again)", done)
     record.finish(run_dir, "skipped", time.perf_counter() - t0, same_as=str(done))
+    _print_finished(done, read_record(done) or {})
     return {"run_dir": str(run_dir), "run_id": record.run_id, "status": "skipped", "same_as": str(done)}
+
+
+def _print_finished(done: Path, done_record: dict) -> None:
+    """The finished run's table, as it printed when it ran."""
+    if not done_record:
+        return
+    finished = RunRecord(**{k: v for k, v in done_record.items() if k in RunRecord.__dataclass_fields__})
+    summary = {**(done_record.get("summary") or {}), "run_dir": str(done), "status": "complete (earlier run)"}
+    summary.setdefault("duration_s", done_record.get("duration_s") or 0)
+    rows = [r for r in read_rows(Path(done) / RESULTS_FILE) if r.get("task")]
+    resolved = {k: rows[0][k] for k in ("scaling", "params") if rows and k in rows[0]}
+    print(format_summary(finished, rows, summary, resolved), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ evaluate / record
@@ -203,6 +265,7 @@ def reference_model(cfg: DictConfig, method_cfg: dict, run_dir: Path, device: st
     log.info("reference row: expert %s = base + its LoRA adapter (%s)", key, expert_dir)
     one_expert = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
     one_expert.experts = {key: cfg.model.experts[key]}
+    one_expert.use = None  # the reference row of any expert, whatever subset model.use merges
     if one_expert.files_from not in ("base", key):
         one_expert.files_from = "base"  # only for a written checkpoint; in memory, files_dir is used below
     write_to_disk = needs_checkpoint(cfg)

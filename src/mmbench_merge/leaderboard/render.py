@@ -20,12 +20,12 @@ def _score_cells(board: Board, entry: Entry) -> list:
     avg = board.averages(entry)
     cells = [entry.scores.get(c.task) for c in board.columns]
     cells += [avg["categories"][cat] for cat in board.categories]
-    cells += [avg["average"], f"{avg['present']}/{avg['total']}"]
+    cells += [avg["average"], f"{avg['present']}/{avg['total']}", entry.samples_text]
     return cells
 
 
 def _score_header(board: Board) -> list[str]:
-    return [c.label for c in board.columns] + [f"{cat} avg" for cat in board.categories] + ["Avg", "tasks"]
+    return [c.label for c in board.columns] + [f"{cat} avg" for cat in board.categories] + ["Avg", "tasks", "n/task"]
 
 
 def board_tables(board: Board) -> list[dict]:

@@ -38,7 +38,16 @@ class Entry:
     scaling: float | None
     scores: dict = field(default_factory=dict)  # task -> value
     stamps: dict = field(default_factory=dict)  # task -> started_at of the run the score comes from
+    samples: dict = field(default_factory=dict)  # task -> n_samples the score was computed on
     run_ids: set = field(default_factory=set)
+
+    @property
+    def samples_text(self) -> str:
+        """Samples per task: one number, or min-max when the scores come from runs of different sizes."""
+        counts = sorted({int(n) for n in self.samples.values() if n is not None})
+        if not counts:
+            return ""
+        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
     @property
     def is_reference(self) -> bool:
@@ -207,6 +216,7 @@ def build_boards(runs: list[RecordedRun]) -> list[Board]:
             if task not in entry.scores or stamp >= entry.stamps.get(task, ""):
                 entry.scores[task] = float(row["value"])
                 entry.stamps[task] = stamp
+                entry.samples[task] = row.get("n_samples")
             entry.run_ids.add(row.get("run_id"))
     boards = []
     for key in sorted(columns):

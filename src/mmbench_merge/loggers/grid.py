@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..results import format_table, read_record, rows_of, write_text_atomic
+from ..results import effective_status, format_table, read_record, rows_of, write_text_atomic
 
 log = logging.getLogger("mmbench_merge")
 
@@ -31,9 +32,9 @@ def grid_jobs(sweep_dir: Path) -> list[dict]:
             continue
         rows = rows_of(job_dir)
         average = next((r["value"] for r in rows if r.get("task") == "avg:all"), None)
-        jobs.append({"job": job_dir.name, "status": record.get("status"), "run_id": record.get("run_id"),
+        jobs.append({"job": job_dir.name, "status": effective_status(record), "run_id": record.get("run_id"),
                      "same_as": record.get("same_as"), "average": average, "duration_s": record.get("duration_s"),
-                     "rows": rows})  # fmt: skip
+                     "error": record.get("error"), "rows": rows})  # fmt: skip
     return sorted(jobs, key=lambda j: (_job_num(j["job"]), j["job"]))
 
 
@@ -48,8 +49,12 @@ def format_grid(jobs: list[dict]) -> str:
     return format_table(["job", "status", "average", "rows", "seconds"], body)
 
 
+FAILED_STATUSES = ("failed", "killed", "running")  # "running" after the sweep: a job that never finished
+
+
 class GridCallback(Callback):
-    """Hydra callback: after a multirun, write <sweep dir>/grid.jsonl, print the grid, log it to W&B."""
+    """Hydra callback: after a multirun, write <sweep dir>/grid.jsonl, print the grid, log it to W&B, and exit 2
+    when a point failed (after everything else, so one bad point costs the grid nothing)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -59,9 +64,19 @@ class GridCallback(Callback):
         lines = [json.dumps({"job": j["job"], **row}, default=str) + "\n" for j in jobs for row in j["rows"]]
         write_text_atomic(sweep_dir / GRID_FILE, "".join(lines))
         print(f"== grid of {len(jobs)} jobs in {sweep_dir}\n{format_grid(jobs)}", flush=True)
-        logger_name = OmegaConf.select(config, "logger.name", default="none")
-        if logger_name != "wandb":
-            return
+        if OmegaConf.select(config, "logger.name", default="none") == "wandb":
+            self._log_wandb(config, sweep_dir, jobs)
+        failed = [j for j in jobs if j["status"] in FAILED_STATUSES]
+        if failed:
+            for job in failed:
+                print(f"  {job['status']}: {job['job']}" + (f": {job['error']}" if job.get("error") else ""),
+                      file=sys.stderr)  # fmt: skip
+            print(f"error: {len(failed)} of {len(jobs)} grid points did not complete (relaunch the same command "
+                  f"to run them again; complete points are skipped)", file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(2)
+
+    @staticmethod
+    def _log_wandb(config: DictConfig, sweep_dir: Path, jobs: list[dict]) -> None:
         from .wandb_run import log_grid
 
         logger_cfg = OmegaConf.to_container(config.logger, resolve=True)
