@@ -86,3 +86,17 @@ def test_bad_omni_input_is_one_error_line(omni_conf, tmp_path):
     assert proc.returncode == 2
     assert "error: model.merge_space: 'sideways' is not one of factor, product_dense, product_svd" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_vicuna_omni_and_suite_modality_compose(tmp_path):
+    cmd = [sys.executable, "run.py", "model=vicuna_omni", "method=optmerge", "suite=modality", "--cfg", "job"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["family"] == "omni" and cfg["model"]["finetune"] == "modality"
+    assert cfg["model"]["base"] == "lmsys/vicuna-7b-v1.5"
+    assert cfg["model"]["experts"]["audio"] == "Adu2021/ModelCompose/multimodal-vicuna-7b-v1.5-audio-naivemc"
+    assert set(cfg["model"]["encoders"]) == {"vision", "audio", "video"}
+    assert [t["label"] for t in cfg["suite"]["tasks"]] == ["MUSIC-AVQA", "AVQA"]

@@ -215,7 +215,7 @@ def load_beats(path, device="cpu") -> Beats:
 
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.pt"))
+        files = sorted(path.rglob("*.pt"), key=lambda p: ("beats" not in p.name.lower(), str(p)))
         if not files:
             raise MergeError(f"{path}: no BEATs checkpoint (*.pt) in this directory")
         path = files[0]

@@ -106,22 +106,30 @@ def describe_modality(ck: ModalityCheckpoint, encoder_override: str | None) -> d
 
 
 # ------------------------------------------------------------------------------------------ sources
-def resolve_source(source: str, revision: str | None = None) -> Path:
-    """A local directory, a hub id, or a folder inside a hub repo (`owner/name/sub/folder`)."""
-    from ..checkpoints import resolve
+def resolve_source(source: str, revision: str | None = None, extra_patterns: tuple[str, ...] = ()) -> Path:
+    """A local directory or file, a hub id, or a folder / file inside a hub repo (`owner/name/sub/path`).
+
+    `extra_patterns` widens what a whole-repo download fetches (encoders ship `.pt` / `.bin` weights)."""
+    from ..checkpoints import HUB_PATTERNS, resolve
 
     path = Path(os.path.expanduser(source))
+    if path.is_file():
+        return path
     parts = source.split("/")
-    if path.exists() or source.startswith(("/", ".", "~")) or len(parts) <= 2:
+    if path.exists() or source.startswith(("/", ".", "~")) or (len(parts) <= 2 and not extra_patterns):
         return resolve(source, revision)
-    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
     from huggingface_hub import snapshot_download
 
+    if len(parts) <= 2:
+        repo, sub, patterns = source, "", [*HUB_PATTERNS, *extra_patterns]
+    else:
+        repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+        patterns = [f"{sub}/*", sub]
     try:
-        root = Path(snapshot_download(repo, revision=revision, allow_patterns=[f"{sub}/*", sub]))
+        root = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 (network, missing repo, offline mode: one clear line)
         raise MergeError(f"{source}: could not be fetched from the hub ({type(exc).__name__}: {exc})") from None
-    return root / sub
+    return root / sub if sub else root
 
 
 def open_experts(model_cfg) -> list[ModalityCheckpoint]:

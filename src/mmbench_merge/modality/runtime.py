@@ -221,7 +221,8 @@ class OmniModel(nn.Module):
                 raise MergeError(f"omni_config.json: modality {modality} has unknown encoder_type {kind!r}")
             if not info.get("encoder"):
                 raise MergeError(f"model.encoders.{modality}: no encoder given (and none in the checkpoint's config)")
-            model.encoders[modality] = ENCODERS[kind](resolve_source(info["encoder"], revision), info)
+            source = resolve_source(info["encoder"], None, extra_patterns=("*.pt", "*.bin"))  # not the base's revision
+            model.encoders[modality] = ENCODERS[kind](source, info)
         return model.to(device=device, dtype=dtype).eval()
 
     # ------------------------------------------------------------------ weights
