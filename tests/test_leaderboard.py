@@ -324,3 +324,24 @@ def test_samples_per_task_column_shows_mixed_sizes(tmp_path):
     rows = {r[0]: dict(zip(best["columns"], r)) for r in best["data"]}
     assert rows["base"]["n/task"] == "50"
     assert rows["ties"]["n/task"] == "20-50"
+
+
+def test_modality_suite_sits_beside_table_5(tmp_path):
+    from mmbench_merge.leaderboard.paper import modality_rows
+
+    root = tmp_path / "runs"
+    specs = [{"name": "modality_music_avqa", "category": "AV-QA", "metric": "exact_match", "label": "MUSIC-AVQA"},
+             {"name": "modality_avqa", "category": "AV-QA", "metric": "option_match", "label": "AVQA"}]  # fmt: skip
+    write_run(root, "expert", {"modality_music_avqa": 50.0, "modality_avqa": 70.0}, params={"expert": "audio"},
+              model="vicuna_omni", suite="modality", specs=specs)  # fmt: skip
+    write_run(root, "optmerge", {"modality_music_avqa": 54.17, "modality_avqa": 80.0}, scaling=1.0,
+              model="vicuna_omni", suite="modality", specs=specs)  # fmt: skip
+    out = build_leaderboard([root], tmp_path / "lb")
+    tables = {t["key"]: t for t in out["tables"]}
+    cmp = tables["vicuna_omni_modality_paper"]
+    rows = {r[0]: dict(zip(cmp["columns"], r)) for r in cmp["data"]}
+    assert rows["optmerge"]["MUSIC-AVQA paper"] == 53.17 and rows["optmerge"]["MUSIC-AVQA Δ"] == pytest.approx(1.0)
+    assert rows["optmerge"]["AVQA paper"] == 80.82 and rows["optmerge"]["Avg paper"] == 67.00
+    assert rows["expert: audio"]["AVQA paper"] == 47.57
+    assert {r["row"] for r in modality_rows()} >= {"Vision only", "TSV Merging", "NaiveMC (online composition)"}
+    assert paper_entry("vicuna_omni", "tsv")["Avg"] == 67.34 and paper_entry("tiny_omni", "tsv") is None

@@ -24,7 +24,7 @@ class MergeSelection:
 class ModelConfig:
     name: str = MISSING
     family: str = MISSING  # qwen2_vl | internvl | internvl_chat | llava (see families.py)
-    finetune: str = "full"  # full | lora: selects method presets (OptMerge's variant, scaling)
+    finetune: str = "full"  # full | lora | modality: selects method presets (OptMerge's variant, scaling)
     base: str = MISSING  # local directory or hub id
     experts: Dict[str, str] = field(default_factory=dict)  # capability -> dir, hub id or PEFT adapter dir
     use: Optional[List[str]] = None  # the experts to merge (model.use=[vqa,ocr]); null = every expert
@@ -32,6 +32,10 @@ class ModelConfig:
     files_from: str = "base"  # "base" or an expert's key: where tokenizer/processor/chat template come from
     dtype: str = "bfloat16"  # dtype the evaluator loads the model in
     revision: Optional[str] = None  # hub revision for every hub id of this model
+    # family=omni only (modality merging, docs/modality.md): each modality's encoder (dir or hub id) and the
+    # space the LoRAs are merged in: factor (A and B separately, the paper) | product_dense | product_svd
+    encoders: Dict[str, str] = field(default_factory=dict)
+    merge_space: str = "factor"
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -119,6 +123,7 @@ class OptMergeConfig(MethodConfig):
     lr: Optional[float] = None  # full 1e-5, lora 1e-4
     momentum: Optional[float] = None  # sgd only: lora 0.9
     iters: int = 300
+    projector: Optional[str] = None  # low_rank (Sigma_K V_K^T) | full (tau_i); modality preset: full
 
 
 @dataclass
@@ -154,6 +159,7 @@ class SuiteConfig:
     include_path: Optional[str] = None  # extra directory of lmms-eval task YAMLs
     lmms_eval_tasks: bool = False  # also index lmms-eval's own tasks (slow; suite=general needs it)
     profile: Optional[str] = None  # MiniBench build profile (suite=minibench)
+    data_dir: Optional[str] = None  # suite=modality: the folder of the released test files and their media
 
 
 @dataclass

@@ -29,6 +29,9 @@ FAMILIES: dict[str, Family] = {
     "internvl_chat": Family("internvl_chat", None, "internvl_chat", "internvl2", "internvl"),
     # LLaVA / Vicuna-style vision-language models (and the modality-merging Vicuna models).
     "llava": Family("llava", "LlavaForConditionalGeneration", "llava", "llava_hf", "none"),
+    # Modality merging: ModelCompose's vision / audio / video LoRAs of one Vicuna, merged into one omni model
+    # (mmbench_merge.modality; its lmms-eval backend is registered by this project).
+    "omni": Family("omni", None, "multimodal", "mmbench_omni", "none"),
 }
 
 

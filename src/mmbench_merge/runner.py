@@ -195,6 +195,10 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
 
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     method = method_cfg["name"]
+    if cfg.model.get("family") == "omni":  # modality merging: its own checkpoint format (modality/)
+        from .modality.run import prepare_omni
+
+        return prepare_omni(cfg, method_cfg, run_dir, device)
     if method in REFERENCE_METHODS:
         if cfg.evaluator.name == "none":
             raise MergeError(f"method={method}: evaluates an unmerged model and needs an evaluator (got evaluator=none)")

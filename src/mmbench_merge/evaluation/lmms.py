@@ -36,7 +36,9 @@ def evaluate_in_process(cfg, prepared, device: str) -> list[TaskScore]:
         if prepared.state_dict is not None:
             from .weights import load_into_model
 
-            n = load_into_model(lm.model, prepared.state_dict, source="merged weights (in memory)")
+            load = getattr(lm, "load_merged_weights", None)  # a backend with its own format (the omni model)
+            n = load(prepared.state_dict) if load else load_into_model(lm.model, prepared.state_dict,
+                                                                        source="merged weights (in memory)")  # fmt: skip
             prepared.state_dict.clear()  # copied into the model: free the second copy before generating
             log.info("evaluating the merged weights in memory (%d tensors) with lmms-eval backend %s", n, backend_name)
         else:
@@ -74,8 +76,10 @@ def backend_kwargs(backend_name: str, pretrained: str, cfg, device: str) -> dict
     kwargs = {"pretrained": pretrained, "device": device, "batch_size": ev.batch_size}
     if backend_name in ("qwen2_vl", "internvl_hf", "internvl2"):
         kwargs["device_map"] = device
-    if backend_name == "llava_hf":
+    if backend_name in ("llava_hf", "mmbench_omni"):
         kwargs["dtype"] = cfg.model.dtype
+    if backend_name == "mmbench_omni" and cfg.model.get("revision"):
+        kwargs["revision"] = cfg.model.revision
     if backend_name == "qwen2_vl" and ev.max_pixels:
         kwargs["max_pixels"] = ev.max_pixels
     extra = dict(ev.model_args or {})
@@ -90,6 +94,10 @@ def build_backend(backend_name: str, pretrained: str, cfg, device: str):
     import torch
     from lmms_eval.models import get_model
 
+    if backend_name == "mmbench_omni":  # this project's backend (also an lmms_eval.models entry point)
+        from ..modality.backend import register
+
+        register()
     try:
         cls = get_model(backend_name)
     except Exception as exc:  # noqa: BLE001 (import errors of any kind: one clear line)

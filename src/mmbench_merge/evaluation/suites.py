@@ -30,6 +30,10 @@ def include_paths(suite_cfg, stack: ExitStack) -> list[str]:
             raise MergeError(f"suite.packaged: no task directory {suite_cfg.packaged!r}; known: {', '.join(known)}")
         if suite_cfg.packaged == "minibench":
             packaged = render_minibench_tasks(suite_cfg, stack)
+        if suite_cfg.packaged == "modality":
+            from ..modality.tasks import render_modality_tasks
+
+            packaged = render_modality_tasks(suite_cfg, stack)
         paths.append(str(packaged))
     if suite_cfg.include_path:
         path = Path(suite_cfg.include_path).expanduser()

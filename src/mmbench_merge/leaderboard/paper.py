@@ -14,6 +14,13 @@ PAPER_TASKS = ("VizWiz", "GQA", "MathVista", "MathVision", "ChartQA", "TextVQA",
                "RefCOCOg")  # fmt: skip
 # Suites whose tasks are the paper's benchmarks (compared with the published numbers).
 PAPER_SUITES = {"paper"}
+# Table 5 (modality merging): our model name, its suite, its columns, and our row keys -> the table's rows.
+MODALITY_MODEL = "vicuna_omni"
+MODALITY_SUITES = {"modality"}
+MODALITY_TASKS = ("MUSIC-AVQA", "AVQA")
+MODALITY_KEYS = {"expert:vision": "Vision only", "expert:audio": "Audio only", "expert:video": "Video only",
+                 "weight_average": "Weight Average", "task_arithmetic": "Task Arithmetic", "ties": "TIES Merging",
+                 "tsv": "TSV Merging", "iso_c": "Iso-C", "wudi": "WUDI Merging", "optmerge": "OptMerge"}  # fmt: skip
 
 
 def _read_csv(name: str) -> list[dict]:
@@ -40,6 +47,9 @@ def modality_rows() -> list[dict]:
 
 def paper_entry(model: str, key: str) -> dict | None:
     """The paper's row for our model name and row key (base, expert:<capability>, <method>), or None."""
+    if model == MODALITY_MODEL:
+        name = MODALITY_KEYS.get(key)
+        return next((r for r in modality_rows() if r["row"] == name), None)
     for row in paper_rows():
         if row["model"] == model and row["method"] == key:
             return row
@@ -47,6 +57,8 @@ def paper_entry(model: str, key: str) -> dict | None:
 
 
 def has_paper(model: str, suite: str) -> bool:
+    if suite in MODALITY_SUITES:
+        return model == MODALITY_MODEL
     return suite in PAPER_SUITES and any(r["model"] == model for r in paper_rows())
 
 
@@ -58,7 +70,7 @@ def paper_column(label: str, task: str) -> str | None:
     """The paper's benchmark column for one of our tasks: its label or task name equal to, or else starting
     with, a paper column (the longest wins: refcocog_bbox_val is RefCOCOg, not RefCOCO)."""
     for text in (label, task):
-        for col in PAPER_TASKS:
+        for col in (*PAPER_TASKS, *MODALITY_TASKS):
             if _norm(text) == _norm(col):
                 return col
     for text in (label, task):

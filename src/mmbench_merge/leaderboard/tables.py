@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..results import RecordedRun
 from .paper import has_paper, paper_column, paper_entry
 
-REFERENCE_ORDER = ("vqa", "geometry", "chart", "ocr", "grounding")
+REFERENCE_ORDER = ("vqa", "geometry", "chart", "ocr", "grounding", "vision", "audio", "video")
 
 
 @dataclass

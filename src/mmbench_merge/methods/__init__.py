@@ -46,7 +46,8 @@ def get_method(name: str) -> Callable:
 
 
 # Hyperparameters a method takes from the model's fine-tuning regime (model.finetune) when the config leaves
-# them null. OptMerge's two variants are the paper's: full fine-tuning (InternVL2.5-1B) and LoRA (Qwen2-VL-7B).
+# them null. OptMerge's variants are the paper's: full fine-tuning (InternVL2.5-1B), LoRA (Qwen2-VL-7B) and modality
+# merging (the ModelCompose Vicuna LoRAs, model.finetune=modality).
 PRESETS: dict[str, dict[str, dict]] = {
     "optmerge": {
         "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1},
@@ -56,6 +57,18 @@ PRESETS: dict[str, dict[str, dict]] = {
             "optimizer": "sgd",
             "momentum": 0.9,
             "lr": 1e-4,
+            "scaling": 1.0,
+        },
+        # Modality merging (Table 5): the factors of the Vicuna LoRAs, merged as in the paper's `merge-wudi2`:
+        # the target is the rank floor(min/5) truncation, the projector the full factor; SGD lr 5e-2, lambda 1.
+        "modality": {
+            "center": False,
+            "init": "mean",
+            "optimizer": "sgd",
+            "momentum": 0.9,
+            "lr": 5e-2,
+            "rank_fraction": 0.2,
+            "projector": "full",
             "scaling": 1.0,
         },
     },

@@ -20,6 +20,7 @@ from ._matrix import check_choice, check_fraction, matrix_method, mean_of, rank_
 
 OPTIMIZERS = ("adam", "sgd")
 INITS = ("sum", "mean")
+PROJECTORS = ("low_rank", "full")
 
 
 class QuadraticLoss:
@@ -133,6 +134,7 @@ def optmerge(
     lr: float = 1e-5,
     momentum: float = 0.9,
     iters: int = 300,
+    projector: str = "low_rank",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """OptMerge (Wei et al., ICLR 2026): WUDI with low-rank projectors and targets.
@@ -142,6 +144,8 @@ def optmerge(
     rank-K truncation of tau_i - mean_j tau_j plus that mean. Minimises sum_i ||(tau - T_i) P_i^T||^2 / ||tau_i||^2
     with `iters` steps of `optimizer` from `init`. The function's defaults are the full fine-tuning preset;
     the config fills the LoRA preset (center false, init mean, sgd, lr 1e-4, momentum 0.9) from model.finetune.
+    `projector`: "low_rank" (P_i = Sigma_K V_K^T) or "full" (P_i = tau_i itself, as the paper's modality
+    merge, where only the target is truncated).
     """
     n_tasks = len(task_vectors)
     fraction = check_fraction("optmerge", "rank_fraction", rank_fraction if rank_fraction is not None
@@ -149,18 +153,21 @@ def optmerge(
     check_choice("optmerge", "optimizer", optimizer, OPTIMIZERS)
     check_choice("optmerge", "init", init, INITS)
     _check_steps("optmerge", iters, lr, momentum)
+    check_choice("optmerge", "projector", projector, PROJECTORS)
     k = rank_of(fraction, task_vectors[0].shape)
     mean = mean_of(task_vectors) if center else None
 
-    loss = QuadraticLoss(_init(task_vectors, init), rows=n_tasks * k, n_terms=n_tasks)
+    rows = n_tasks * (k if projector == "low_rank" else task_vectors[0].shape[0])
+    loss = QuadraticLoss(_init(task_vectors, init), rows=rows, n_terms=n_tasks)
     for tau, weight in zip(task_vectors, _inverse_squared_norms(task_vectors)):
         u, s, vh = top_singular(tau, k)
-        projector = s[:, None] * vh  # Sigma_K V_K^T, (K, n), from the raw task vector
+        # Sigma_K V_K^T, (K, n), from the raw task vector; or the raw task vector itself
+        q = s[:, None] * vh if projector == "low_rank" else tau
         if center:
             u, s, vh = top_singular(tau - mean, k)
             target = (u * s) @ vh + mean
         else:
             target = (u * s) @ vh
-        loss.add(target, projector, weight)
+        loss.add(target, q, weight)
         del u, s, vh, target
     return minimise(loss, optimizer=optimizer, lr=lr, momentum=momentum, iters=iters)
