@@ -121,7 +121,11 @@ def config_error_line(exc: BaseException) -> str | None:
         if e is None:
             continue
         text = str(e).strip()
-        first = text.splitlines()[0].strip() if text else type(e).__name__
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        first = lines[0].rstrip(".") if lines else type(e).__name__
+        if "Available options" in text:  # an unknown config group option: list the known ones on the same line
+            options = lines[[i for i, line in enumerate(lines) if line.startswith("Available options")][0] + 1:]
+            first += f" (available: {', '.join(options)})"
         if isinstance(e, OmegaConfBaseException):
             full_key = getattr(e, "full_key", None)
             if full_key and full_key not in first:

@@ -42,10 +42,10 @@ class Range:
         if self.integer and self.high is None:
             return f"an integer >= {self.low:g}" if self.low_closed else f"an integer > {self.low:g}"
         if self.high is None:
-            return f"finite and >= {self.low:g}" if self.low_closed else f"finite and > {self.low:g}"
+            return f"a finite value >= {self.low:g}" if self.low_closed else f"a finite value > {self.low:g}"
         left = "[" if self.low_closed else "("
         right = "]" if self.high_closed else ")"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
+        return f"a value in {left}{self.low:g}, {self.high:g}{right}"
 
     def accepts(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -107,8 +107,10 @@ def check_method(method_cfg: dict, n_experts: int | None = None) -> None:
         if value is None and allowed.nullable:
             continue
         if not allowed.accepts(value):
-            raise MergeError(f"method.{key}: {name} needs a value {allowed.describe()}, got {value!r}")
+            raise MergeError(f"method.{key}: {name} needs {allowed.describe()}, got {value!r}")
     need = MIN_EXPERTS.get(name, 1)
+    if n_experts == 0:
+        raise MergeError(f"model.experts: no experts given ({name} merges at least {need})")
     if n_experts is not None and n_experts < need:
         raise MergeError(
             f"model.experts: {name} merges at least {need} experts, got {n_experts} "
