@@ -460,3 +460,20 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(tiny_conf, tmp_path):
             continue
         assert errors[0] == expected
         assert not run_dir.exists() or not (run_dir / "merged").exists()
+
+
+def test_unknown_lmms_eval_task(tiny_conf, tmp_path):
+    """Named by the TaskManager check (evaluation/suites.py), which the evaluation runs before any sample."""
+    from contextlib import ExitStack
+
+    from mmbench_merge.evaluation import TASKS_DIR
+    from mmbench_merge.evaluation.suites import task_manager_for
+    from mmbench_merge.families import get_family
+
+    cfg = compose_cfg(tiny_conf, tmp_path / "runs", "suite=paper")
+    from mmbench_merge.config import TaskSpec
+
+    cfg.suite.tasks = [TaskSpec(name="no_such_task", category="VQA", metric="acc")]
+    with ExitStack() as stack, pytest.raises(MergeError) as err:
+        task_manager_for(cfg, get_family("llava"), stack)
+    assert f"error: {err.value}" == f"error: suite=paper: task no_such_task not found in {TASKS_DIR / 'paper'}"

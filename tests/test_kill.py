@@ -27,6 +27,17 @@ from .test_bad_input import COMMON, compose_cfg, run_in_process
 
 DELAY_S = 0.004  # per tensor read in the killed process: spreads a ~0.1 s merge over ~1 s
 
+# Where the kill is aimed, in turn: the merge itself most often, also before it starts and after its commit.
+PHASES = ("merge", "after", "before", "merge", "merge")
+
+
+def _wait_for(condition, proc, i: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert condition(), f"iteration {i}: the merge never got there (exit code {proc.exitcode})"
+
+
 def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -67,16 +78,22 @@ def _kill_loop(tiny_conf, tmp_path, monkeypatch, iterations: int, seed: int) -> 
         proc = ctx.Process(target=_kill_child.merge_slowly, args=args)
         proc.start()
         tmp = run_dir / f".merged.tmp-{proc.pid}"
-        deadline = time.monotonic() + 120
-        while not tmp.exists() and proc.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.002)  # the writer exists: the merge starts, the kill time is drawn from here
-        assert tmp.exists(), f"iteration {i}: the merge never started writing (exit code {proc.exitcode})"
-        time.sleep(rng.uniform(0.0, window))
+        phase = PHASES[i % len(PHASES)]
+        if phase == "before":  # while the child composes, opens checkpoints, writes run.json
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:
+            _wait_for(lambda: tmp.exists() or (run_dir / "merged").exists(), proc, i)
+            if phase == "after":  # the commit is done: run.json, merge_report.json, results.jsonl being written
+                _wait_for(lambda: (run_dir / "merged").exists(), proc, i)
+                time.sleep(rng.uniform(0.0, 0.05))
+            else:  # the writer exists: anywhere in the merge, between shards, in the commit
+                time.sleep(rng.uniform(0.0, window))
         t1 = time.perf_counter()
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         killed_tmp = list(run_dir.glob(".merged.tmp-*")) if run_dir.exists() else []
-        outcomes.append("mid-write" if killed_tmp else ("after" if (run_dir / "merged").exists() else "before"))
+        left = "temp dir" if killed_tmp else ("merged/" if (run_dir / "merged").exists() else "nothing")
+        outcomes.append(f"{phase}: {left}")
         # What the kill left is never a trusted partial checkpoint: merged/ exists only complete.
         if (run_dir / "merged").exists():
             assert _tree(run_dir / "merged") == reference, f"iteration {i}: a partial merged/ was left"
