@@ -477,3 +477,14 @@ def test_unknown_lmms_eval_task(tiny_conf, tmp_path):
     with ExitStack() as stack, pytest.raises(MergeError) as err:
         task_manager_for(cfg, get_family("llava"), stack)
     assert f"error: {err.value}" == f"error: suite=paper: task no_such_task not found in {TASKS_DIR / 'paper'}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_base(tiny_root, tiny_conf, tmp_path):
+    d = _copy(tiny_root / "llava" / "base", tmp_path / "locked_base")
+    (d / "model.safetensors").chmod(0)
+    try:
+        check_case(tiny_conf, tmp_path, [f"model.base={d}"],
+                   f"error: {d / 'model.safetensors'}: not readable (permission denied)")  # fmt: skip
+    finally:
+        (d / "model.safetensors").chmod(0o644)
