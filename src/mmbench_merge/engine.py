@@ -271,11 +271,10 @@ def merge_model(
     from .checkpoints import ShardedWriter, iter_layout
     from .families import get_family
     from .methods import resolve_method
+    from .methods.spec import check_method
 
     family = get_family(model_cfg.family)
     device = resolve_device(device)
-    from .methods.spec import check_method
-
     check_method(method_cfg, len(model_cfg.experts or {}))  # ranges and expert count, before any tensor is read
     fn, kwargs, scaling = resolve_method(method_cfg, model_cfg.finetune)
     selection = Selection(tuple(model_cfg.merge.include), tuple(model_cfg.merge.exclude))
