@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from mmbench_merge.app import main_app
 from mmbench_merge.config import register_configs
+from mmbench_merge.preflight import one_line_errors
 
 register_configs()
 
@@ -20,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():  # a bad key / type / option: one `error:` line, exit 2
+        main()

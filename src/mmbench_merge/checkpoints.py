@@ -8,6 +8,7 @@ safetensors header gives; nothing here ever materialises a whole model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -74,6 +75,12 @@ class SafetensorsCheckpoint:
         elif single_file.is_file():
             self._file_of = None  # filled from the header below
         else:
+            pickled = sorted(p.name for p in self.path.glob("*") if re.search(r"\.(bin|pt|pth|ckpt)$", p.name))
+            if pickled:  # never unpickled: a pickle can run any code when loaded
+                raise MergeError(
+                    f"{self.path}: only pickled weights ({pickled[0]}), which are never loaded; "
+                    f"convert the checkpoint to safetensors ({WEIGHTS_NAME})"
+                )
             raise MergeError(
                 f"{self.path}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (and no {ADAPTER_CONFIG_NAME})"
             )
@@ -153,19 +160,43 @@ def _read_header(file: Path) -> tuple[int, dict]:
     """(offset where the data section starts, the header without __metadata__)."""
     try:
         with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > 100_000_000:
                 raise ValueError(f"header length {header_len} is implausible")
+            if 8 + header_len > size:
+                raise ValueError(f"header length {header_len} runs past the end of the file ({size} bytes)")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         header.pop("__metadata__", None)
+        data_size = size - 8 - header_len
         for name, info in header.items():
-            if info.get("dtype") not in DTYPE_BYTES or "shape" not in info or len(info.get("data_offsets", ())) != 2:
+            if (not isinstance(info, dict) or info.get("dtype") not in DTYPE_BYTES or "shape" not in info
+                    or len(info.get("data_offsets", ())) != 2):  # fmt: skip
                 raise ValueError(f"tensor {name} has a malformed entry {info}")
+            begin, end = info["data_offsets"]
+            if not 0 <= begin <= end or end - begin != DTYPE_BYTES[info["dtype"]] * _numel(info["shape"]):
+                raise ValueError(f"tensor {name} has data offsets {[begin, end]} that do not fit its dtype and shape")
+            if end > data_size:
+                raise TruncatedError(
+                    f"{file}: truncated: tensor {name} ends at byte {end} of the data but the file holds {data_size}"
+                )
     except FileNotFoundError:
         raise MergeError(f"{file}: file not found") from None
-    except (struct.error, ValueError, AttributeError) as exc:
+    except PermissionError:
+        raise MergeError(f"{file}: not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise MergeError(f"{file}: is a directory, expected a safetensors file") from None
+    except TruncatedError as exc:
+        raise MergeError(str(exc)) from None
+    except (struct.error, ValueError, AttributeError, TypeError) as exc:
         raise MergeError(f"{file}: not a safetensors file ({exc})") from exc
     return 8 + header_len, header
+
+
+class TruncatedError(Exception):
+    """Internal: the data section is shorter than the header says."""
 
 
 # ------------------------------------------------------------------------------------------ LoRA adapters
@@ -284,9 +315,11 @@ class ShardedWriter:
     def __init__(self, out_dir: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int):
         self.out_dir = Path(out_dir)
         self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        remove_stale_temp_dirs(self.out_dir)
         if self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir(parents=True)
+        with _io_errors(self.tmp_dir):
+            self.tmp_dir.mkdir(parents=True)
         self._shards = _plan_shards(layout, max_shard_bytes)
         n = len(self._shards)
         self._shard_of: dict[str, int] = {}
@@ -312,16 +345,17 @@ class ShardedWriter:
         expected = self._shards[i][len(self._written[i])][0]
         if name != expected:
             raise MergeError(f"merged tensor {name} written out of order (expected {expected})")
-        f = self._open.get(i)
-        if f is None:
-            f = self._open[i] = open(self._files[i], "wb")
-            f.write(_header_bytes(self._shards[i]))
         data = tensor.detach().contiguous().cpu().reshape(-1)
-        f.write(data.view(_uint8()).numpy().tobytes() if data.numel() else b"")
-        self._written[i].append(name)
-        if len(self._written[i]) == len(self._shards[i]):
-            f.close()
-            del self._open[i]
+        with _io_errors(self._files[i]):  # a full disk or a lost mount: one line, and abort() cleans up
+            f = self._open.get(i)
+            if f is None:
+                f = self._open[i] = open(self._files[i], "wb")
+                f.write(_header_bytes(self._shards[i]))
+            f.write(data.view(_uint8()).numpy().tobytes() if data.numel() else b"")
+            self._written[i].append(name)
+            if len(self._written[i]) == len(self._shards[i]):
+                del self._open[i]
+                f.close()
 
     def commit(self, extra_files_from: list[Path] = (), check=None) -> Path:
         """Close shards, write the index, copy non-weight files, run `check` on the result, move it into place."""
@@ -329,27 +363,70 @@ class ShardedWriter:
         if unfinished:
             missing = self._shards[unfinished[0]][len(self._written[unfinished[0]])][0]
             raise MergeError(f"merged checkpoint incomplete: tensor {missing} was never written")
-        if len(self._files) > 1:
-            total = sum(DTYPE_BYTES[d] * _numel(s) for d, s in self._layout.values())
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {name: self._files[i].name for name, i in self._shard_of.items()},
-            }
-            (self.tmp_dir / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        for src in extra_files_from:
-            copy_non_weight_files(src, self.tmp_dir)
+        with _io_errors(self.tmp_dir):
+            if len(self._files) > 1:
+                total = sum(DTYPE_BYTES[d] * _numel(s) for d, s in self._layout.values())
+                index = {
+                    "metadata": {"total_size": total},
+                    "weight_map": {name: self._files[i].name for name, i in self._shard_of.items()},
+                }
+                (self.tmp_dir / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+            for src in extra_files_from:
+                copy_non_weight_files(src, self.tmp_dir)
         if check is not None:
             check(self.tmp_dir)
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.tmp_dir, self.out_dir)
+        with _io_errors(self.out_dir):
+            if self.out_dir.exists():
+                shutil.rmtree(self.out_dir)
+            os.replace(self.tmp_dir, self.out_dir)
         return self.out_dir
 
     def abort(self) -> None:
         for f in self._open.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # e.g. the buffered tail of a shard on a full disk: the directory goes anyway
+                pass
         self._open.clear()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _io_errors(path: Path):
+    """An OSError while writing (disk full, quota, read-only, permission) as one MergeError line naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        raise MergeError(f"{path}: could not write ({exc.strerror or exc})") from exc
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>` siblings of `out_dir` left by writers that died (kill -9, OOM, node loss).
+
+    A directory whose pid is alive on this machine is another writer's and is left alone (two writers of one
+    run directory are kept apart by the per-point lock, not here).
+    """
+    removed = []
+    parent = Path(out_dir).parent
+    if not parent.is_dir():
+        return removed
+    for tmp in parent.glob(f".{Path(out_dir).name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _plan_shards(layout, max_shard_bytes):

@@ -78,6 +78,7 @@ def torch_zeros_like(t):
 
 
 def _check_same_layout(base: SafetensorsCheckpoint, other: SafetensorsCheckpoint) -> None:
+    """Same names, shapes and dtypes as the base (an expert in another dtype is refused, never cast)."""
     for name in base.keys():
         if name not in other:
             raise MergeError(f"{other.path}: tensor {name} of the base is missing")
@@ -86,6 +87,14 @@ def _check_same_layout(base: SafetensorsCheckpoint, other: SafetensorsCheckpoint
                 f"{other.file_of(name)}: tensor {name} has shape {list(other.shape(name))}, "
                 f"base has {list(base.shape(name))}"
             )
+        if other.dtype(name) != base.dtype(name):
+            raise MergeError(
+                f"{other.file_of(name)}: tensor {name} is {other.dtype(name)}, base has {base.dtype(name)} "
+                "(convert the expert to the base's dtype; it is not cast silently)"
+            )
+    extra = [name for name in other.keys() if name not in base]
+    if extra:
+        raise MergeError(f"{other.file_of(extra[0])}: tensor {extra[0]} is not in the base {base.path}")
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -175,6 +184,8 @@ def merge_tensors(
     for name in iterator:
         started = time.perf_counter()
         base_value = base.get(name)
+        if base_value.is_floating_point() and not torch.isfinite(base_value).all():
+            raise MergeError(f"{base.file_of(name)}: tensor {name} of the base has NaN or Inf values")
         merge_this = selection.selects(name) and base_value.is_floating_point()
         if not merge_this:
             yield name, base_value
@@ -258,9 +269,11 @@ def merge_model(
     from .checkpoints import ShardedWriter, iter_layout
     from .families import get_family
     from .methods import resolve_method
+    from .methods.spec import check_method
 
     family = get_family(model_cfg.family)
     device = resolve_device(device)
+    check_method(method_cfg, len(model_cfg.experts or {}))  # ranges and expert count, before any tensor is read
     fn, kwargs, scaling = resolve_method(method_cfg, model_cfg.finetune)
     selection = Selection(tuple(model_cfg.merge.include), tuple(model_cfg.merge.exclude))
     base, expert_paths, experts = open_model(model_cfg, family)

@@ -105,7 +105,10 @@ def point_lock(runs_root: Path, fingerprint: str):
 
 def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dict:
     """Merge (or pick the reference model), evaluate, record, log."""
+    from . import preflight
     from .engine import resolve_device
+
+    preflight.check(cfg)  # every check that needs no tensor data, before any checkpoint is read
 
     device = resolve_device(cfg.device)
     check_evaluator(cfg, device)

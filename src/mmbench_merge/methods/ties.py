@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import MergeError
 from .basic import task_arithmetic
 
 
@@ -79,4 +80,4 @@ def _check_fraction(name: str, value: float, upper_open: bool = False) -> None:
     ok = 0.0 <= value < 1.0 if upper_open else 0.0 < value <= 1.0
     if not ok:
         interval = "[0, 1)" if upper_open else "(0, 1]"
-        raise ValueError(f"method.{name} must be in {interval}, got {value}")
+        raise MergeError(f"method.{name} must be in {interval}, got {value}")
