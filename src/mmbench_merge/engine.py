@@ -273,7 +273,7 @@ def merge_model(
 
     family = get_family(model_cfg.family)
     device = resolve_device(device)
-    check_method(method_cfg, len(model_cfg.experts or {}))  # ranges and expert count, before any tensor is read
+    check_method(method_cfg, len(used_experts(model_cfg)))  # ranges and expert count, before any tensor is read
     fn, kwargs, scaling = resolve_method(method_cfg, model_cfg.finetune)
     selection = Selection(tuple(model_cfg.merge.include), tuple(model_cfg.merge.exclude))
     base, expert_paths, experts = open_model(model_cfg, family)

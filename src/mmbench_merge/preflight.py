@@ -31,7 +31,9 @@ def check(cfg) -> None:
     from .methods.spec import check_method
 
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True) if not isinstance(cfg, dict) else cfg["method"]
-    check_method(method_cfg, n_experts=len(_get(cfg, "model").get("experts") or {}))
+    model = _get(cfg, "model")
+    use = model.get("use")  # model.use: the subset the merge takes
+    check_method(method_cfg, n_experts=len(use) if use is not None else len(model.get("experts") or {}))
     limit = _get(cfg, "evaluator").get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise MergeError(f"evaluator.limit: needs a positive number of samples per task (or null), got {limit!r}")
