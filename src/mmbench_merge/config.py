@@ -57,6 +57,7 @@ class TiesConfig(MethodConfig):
     name: str = "ties"
     scaling: float = 1.0
     density: float = 0.2
+    trim_scope: Optional[str] = None  # tensor | model; null = the finetune preset (full: model, lora: tensor)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class DareTiesConfig(MethodConfig):
     scaling: float = 1.0
     drop_rate: float = 0.2
     density: float = 0.2
+    trim_scope: Optional[str] = None  # tensor | model; null = the finetune preset (full: model, lora: tensor)
 
 
 @dataclass
