@@ -39,6 +39,8 @@ def check(cfg, device: str) -> None:
         raise MergeError(f"evaluator.name: unknown evaluator {name!r}; known: {', '.join(EVALUATORS)}")
     if name != "none" and not cfg.suite.tasks:
         raise MergeError(f"suite={cfg.suite.name}: no tasks to evaluate with evaluator={name}")
+    if name != "none":
+        check_task_inputs(cfg.suite)
     if name == "vllm":
         if not device.startswith("cuda"):
             raise MergeError(f"evaluator=vllm runs on a GPU (device is {device}); use evaluator=lmms_eval on CPU")
@@ -46,6 +48,20 @@ def check(cfg, device: str) -> None:
 
         if importlib.util.find_spec("vllm") is None:
             raise MergeError("evaluator=vllm: vLLM is not installed (pip install 'mmbench-merge[vllm]')")
+
+
+def check_task_inputs(suite_cfg) -> None:
+    """Inputs a task needs that this project cannot ship (the paper's OCRVQA_TESTCORE key list)."""
+    from .. import MergeError
+
+    names = [t.name for t in suite_cfg.tasks]
+    if "mmb_ocrvqa_testcore" in names:
+        from .tasks.paper.utils import ocrvqa_testcore_keys
+
+        try:
+            ocrvqa_testcore_keys()
+        except MergeError as exc:
+            raise MergeError(f"suite={suite_cfg.name}: {exc}") from None
 
 
 def evaluate(cfg, prepared, device: str) -> list[TaskScore]:

@@ -8,6 +8,7 @@ Scores come from mmbench_merge.evaluation.metrics (which calls lmms-eval's metri
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from mmbench_merge.evaluation import metrics
 
@@ -86,6 +87,58 @@ def ocrvqa_process_docs(dataset):
         return out
 
     return dataset.map(explode, batched=True, remove_columns=dataset.column_names)
+
+
+TESTCORE_ENV = "MMBENCH_OCRVQA_TESTCORE"
+
+
+def ocrvqa_testcore_keys() -> tuple[Path, set[str], set[tuple[str, str]]]:
+    """The OCRVQA_TESTCORE key list named by $MMBENCH_OCRVQA_TESTCORE: (path, whole image ids, (image id,
+    question) pairs). One key a line: `image_id` (every question of that cover) or `image_id<TAB>question`;
+    blank lines and lines starting with # are skipped. A missing or empty list is one MergeError line."""
+    from mmbench_merge import MergeError
+
+    value = os.environ.get(TESTCORE_ENV)
+    if not value:
+        raise MergeError(
+            f"task mmb_ocrvqa_testcore (the paper's OCRVQA_TESTCORE subset) needs its question list, which is not "
+            f"shipped: set {TESTCORE_ENV}=<file> (one `image_id` or `image_id<TAB>question` per line, "
+            "docs/evaluation.md), or run suite=paper_ocrvqa_full for the whole OCR-VQA test split"
+        )  # fmt: skip
+    path = Path(value).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{TESTCORE_ENV}={value}: cannot read the OCRVQA_TESTCORE key list ({exc})") from None
+    images, pairs = set(), set()
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        image_id, tab, question = line.partition("\t")
+        if tab:
+            pairs.add((image_id.strip(), " ".join(question.split())))
+        else:
+            images.add(image_id.strip())
+    if not images and not pairs:
+        raise MergeError(f"{TESTCORE_ENV}={value}: the OCRVQA_TESTCORE key list has no keys")
+    return path, images, pairs
+
+
+def ocrvqa_testcore_process_docs(dataset):
+    """The test split's questions listed in $MMBENCH_OCRVQA_TESTCORE, one row per question (as the full task)."""
+    from mmbench_merge import MergeError
+
+    path, images, pairs = ocrvqa_testcore_keys()
+    wanted = images | {image_id for image_id, _ in pairs}
+    covers = dataset.filter(lambda image_id: image_id in wanted, input_columns=["image_id"])
+    rows = ocrvqa_process_docs(covers)
+    rows = rows.filter(
+        lambda image_id, question: image_id in images or (image_id, " ".join(question.split())) in pairs,
+        input_columns=["image_id", "question"],
+    )  # fmt: skip
+    if len(rows) == 0:
+        raise MergeError(f"{TESTCORE_ENV}={path}: none of its keys matches a question of the OCR-VQA test split")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ geometry
