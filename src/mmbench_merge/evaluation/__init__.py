@@ -25,6 +25,7 @@ class TaskScore:
     value: float  # 0-100
     n_samples: int
     samples: list[dict] = field(default_factory=list)  # with evaluator.log_samples: doc_id, target, response, score
+    headline: bool = True  # False: a second metric of the task (the LLM judge's), kept out of the averages
 
 
 EVALUATORS = ("none", "lmms_eval", "vllm")

@@ -144,7 +144,9 @@ def ocrvqa_testcore_process_docs(dataset):
 # ------------------------------------------------------------------------------------------ geometry
 def _judge_model() -> str | None:
     """An LLM judge only when configured (evaluator.judge sets MMBENCH_JUDGE_MODEL); rule-based otherwise."""
-    return os.environ.get("MMBENCH_JUDGE_MODEL") or None
+    from mmbench_merge.evaluation import judge
+
+    return judge.configured()
 
 
 def mathvista_process_docs(dataset):
@@ -156,27 +158,18 @@ def mathvista_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def mathvista_results(doc, results):
+    """`geo_acc`: rule-based extraction (the default, always reported); `geo_acc_judge` as well when
+    evaluator.judge is set: the judge extracts the answer, MathVista's rule compares it."""
     response = results[0]
+    categories = metrics.mathvista_categories(doc)
+    out = {"geo_acc": {"score": metrics.mathvista_score(response, doc), "categories": categories}}
     if _judge_model():
-        response = _judge_extract(response, doc)
-    return {"geo_acc": {"score": metrics.mathvista_score(response, doc), "categories": metrics.mathvista_categories(doc)}}
+        from mmbench_merge.evaluation import judge
 
-
-def _judge_extract(response: str, doc) -> str:
-    """Ask lmms-eval's LLM-judge server (API_TYPE / credentials from the environment) for the final answer."""
-    from lmms_eval.llm_judge import Request, ServerConfig, get_server
-
-    config = ServerConfig(model_name=_judge_model(), temperature=0.0, max_tokens=64)
-    server = get_server(server_name=os.environ.get("API_TYPE", "openai"), config=config)
-    prompt = (
-        "Extract the final answer from the response to the question. Reply with the answer only: an option's "
-        f"text for multiple choice, a number for numeric questions.\n\nQuestion: {doc['query']}\n\n"
-        f"Response: {response}\n\nExtracted answer:"
-    )
-    reply = server.evaluate(Request(messages=[{"role": "user", "content": prompt}], config=config))
-    if not reply.success:
-        raise RuntimeError(f"LLM judge failed: {reply.error}")
-    return reply.content.strip()
+        extracted = judge.extract(doc["query"], response)
+        score = metrics.mathvista_score(extracted, doc) if extracted is not None else 0.0
+        out["geo_acc_judge"] = {"score": score, "categories": categories}
+    return out
 
 
 def mathvision_process_docs(dataset):
@@ -192,13 +185,17 @@ def mathvision_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def mathvision_results(doc, results):
+    """As MathVista: the rule-based checker (`geo_acc`), and with a judge `geo_acc_judge` (the judge extracts the
+    answer, lmms-eval's MathVision checker compares it)."""
+    categories = metrics.mathvision_categories(doc)
+    out = {"geo_acc": {"score": metrics.mathvision_score(results[0], doc), "categories": categories}}
     if _judge_model():
-        from lmms_eval.tasks.mathvision.utils import mathvision_gpt_eval_process_results
+        from mmbench_merge.evaluation import judge
 
-        score = float(mathvision_gpt_eval_process_results(doc, results)["llm_as_judge_eval"])
-    else:
-        score = metrics.mathvision_score(results[0], doc)
-    return {"geo_acc": {"score": score, "categories": metrics.mathvision_categories(doc)}}
+        extracted = judge.extract(mathvision_text(doc), results[0])
+        score = metrics.mathvision_score(extracted, doc) if extracted is not None else 0.0
+        out["geo_acc_judge"] = {"score": score, "categories": categories}
+    return out
 
 
 def geometry_mean(items):
