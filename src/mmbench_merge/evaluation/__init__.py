@@ -40,8 +40,6 @@ def check(cfg, device: str) -> None:
         raise MergeError(f"evaluator.name: unknown evaluator {name!r}; known: {', '.join(EVALUATORS)}")
     if name != "none" and not cfg.suite.tasks:
         raise MergeError(f"suite={cfg.suite.name}: no tasks to evaluate with evaluator={name}")
-    if name != "none":
-        check_task_inputs(cfg.suite)
     if name == "vllm":
         if not device.startswith("cuda"):
             raise MergeError(f"evaluator=vllm runs on a GPU (device is {device}); use evaluator=lmms_eval on CPU")
@@ -49,6 +47,8 @@ def check(cfg, device: str) -> None:
 
         if importlib.util.find_spec("vllm") is None:
             raise MergeError("evaluator=vllm: vLLM is not installed (pip install 'mmbench-merge[vllm]')")
+    if name != "none":
+        check_task_inputs(cfg.suite)
 
 
 def check_task_inputs(suite_cfg) -> None:
