@@ -6,6 +6,7 @@ then merges each in a fresh process and reads that process's peak resident set. 
 
     .venv/bin/python bench/merge_memory.py                      # 0.5, 1 and 2.5 GB models, 64 MB tensors
     .venv/bin/python bench/merge_memory.py --sizes-gb 2.5 --method ties
+    .venv/bin/python bench/merge_memory.py --sizes-gb 1 --method ties --param trim_scope=model   # two-pass TIES
 
 Needs about 7 x the largest size of free disk under --workdir (default .bench/, git-ignored).
 """
@@ -61,6 +62,7 @@ t = time.perf_counter()
 result = merge_model(cfg, {method!r}, device="cpu", out_dir=Path({out!r}) if {write!r} else None)
 report = result.report.to_json()["totals"]
 report["wall_s"] = time.perf_counter() - t
+report["prepass_s"] = (result.report.prepass or {{}}).get("seconds")
 report["vm_hwm_kb"] = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 report["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("RESULT", json.dumps(report))
@@ -93,11 +95,18 @@ def main():
     parser.add_argument("--experts", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "merge_memory")
     parser.add_argument("--write", action="store_true", help="also write the merged checkpoint to disk")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method hyperparameter (repeatable), e.g. trim_scope=model; YAML-typed")
     args = parser.parse_args()
 
     shape = tuple(args.shape)
     tensor_mb = shape[0] * shape[1] * 2 / 2**20
     method = {"name": args.method, "scaling": 1.0}
+    for item in args.param:
+        import yaml
+
+        key, _, value = item.partition("=")
+        method[key] = yaml.safe_load(value)
     rows = []
     base_kb = baseline_rss_kb()
     for size_gb in args.sizes_gb:
@@ -116,14 +125,16 @@ def main():
         rows.append((n * tensor_mb / 1024, r))
     fp32_tensor_mb = tensor_mb * 2
     bound_mb = (args.experts + 2) * fp32_tensor_mb
-    print(f"\nmethod={args.method}, {args.experts} experts, tensor {shape[0]}x{shape[1]} bf16 = {tensor_mb:.0f} MB "
+    params = "".join(f", {k}={v}" for k, v in method.items() if k not in ("name", "scaling"))
+    print(f"\nmethod={args.method}{params}, {args.experts} experts, tensor {shape[0]}x{shape[1]} bf16 = {tensor_mb:.0f} MB "
           f"({fp32_tensor_mb:.0f} MB in float32); fixed overhead (imports) {base_kb / 1024:.0f} MB; "
           f"(experts + 2) x float32 tensor = {bound_mb:.0f} MB\n")  # fmt: skip
-    print("| model size (GB) | tensors | peak RSS (MB) | peak RSS - overhead (MB) | merge time (s) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| model size (GB) | tensors | peak RSS (MB) | peak RSS - overhead (MB) | merge time (s) | of which first pass (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for size, r in rows:
         peak = r["vm_hwm_kb"] / 1024
-        print(f"| {size:.2f} | {r['tensors']} | {peak:.0f} | {peak - base_kb / 1024:.0f} | {r['wall_s']:.1f} |")
+        first = f"{r['prepass_s']:.1f}" if r.get("prepass_s") is not None else "-"
+        print(f"| {size:.2f} | {r['tensors']} | {peak:.0f} | {peak - base_kb / 1024:.0f} | {r['wall_s']:.1f} | {first} |")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,9 @@ def test_cfg_job_shows_each_methods_defaults(tmp_path):
     assert shown["optmerge"] == {"name": "optmerge", "scaling": None, "rank_fraction": None, "center": None,
                                  "init": None, "optimizer": None, "lr": None, "momentum": None,
                                  "iters": 300, "projector": None}  # fmt: skip
-    assert shown["ties"] == {"name": "ties", "scaling": 1.0, "density": 0.2}
-    assert shown["dare_ties"] == {"name": "dare_ties", "scaling": 1.0, "drop_rate": 0.2, "density": 0.2}
+    assert shown["ties"] == {"name": "ties", "scaling": 1.0, "density": 0.2, "trim_scope": None}
+    assert shown["dare_ties"] == {"name": "dare_ties", "scaling": 1.0, "drop_rate": 0.2, "density": 0.2,
+                                  "trim_scope": None}
     assert shown["dare_ta"] == {"name": "dare_ta", "scaling": 0.3, "drop_rate": 0.2}
     assert shown["task_arithmetic"] == {"name": "task_arithmetic", "scaling": 0.3}
     assert shown["weight_average"] == {"name": "weight_average", "scaling": 1.0}

@@ -28,7 +28,8 @@ def _expert_dirs(tiny_root, arch):
 
 def test_ties_merge_writes_a_loadable_checkpoint_equal_to_the_formula(tiny_root, tiny_conf, tmp_path):
     out = tmp_path / "run"
-    _merge(tiny_conf, out, "model=tiny_internvl", "method=ties", "method.scaling=0.7", "save_merged=true")
+    _merge(tiny_conf, out, "model=tiny_internvl", "method=ties", "method.trim_scope=tensor", "method.scaling=0.7",
+           "save_merged=true")
     merged_dir = out / "merged"
     from transformers import AutoModelForImageTextToText
 

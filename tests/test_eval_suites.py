@@ -13,6 +13,7 @@ from mmbench_merge.evaluation import TASKS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = OmegaConf.load(REPO / "conf/suite/paper.yaml")
+PAPER_FULL = OmegaConf.load(REPO / "conf/suite/paper_ocrvqa_full.yaml")
 GENERAL = OmegaConf.load(REPO / "conf/suite/general.yaml")
 FAMILY_BACKENDS = {"qwen2_vl": "qwen", "internvl_hf": "internvl", "internvl2": "internvl", "llava_hf": "plain"}
 
@@ -33,8 +34,11 @@ def test_paper_suite_has_the_ten_benchmarks_in_five_categories():
 
 
 def test_paper_tasks_are_indexed(paper_manager):
-    names = [t.name for t in PAPER.tasks]
+    names = {t.name for t in PAPER.tasks} | {t.name for t in PAPER_FULL.tasks}
     assert sorted(names) == sorted(paper_manager.all_subtasks)
+    # the two suites differ only in OCR-VQA: the paper's TESTCORE subset, or the whole test split
+    differ = {t.name for t in PAPER.tasks} ^ {t.name for t in PAPER_FULL.tasks}
+    assert differ == {"mmb_ocrvqa_testcore", "mmb_ocrvqa_test"}
 
 
 @pytest.mark.parametrize("spec", list(PAPER.tasks), ids=lambda s: s.name)
@@ -50,7 +54,8 @@ def test_paper_task_config(paper_manager, spec):
     for hook in ("doc_to_visual", "doc_to_text", "process_results"):
         assert callable(config[hook]), hook
     metrics = [m["metric"] for m in config["metric_list"]]
-    assert metrics == [spec.metric]
+    # the headline first; the math tasks also declare the LLM judge's score (filled only with evaluator.judge)
+    assert metrics == ([spec.metric, f"{spec.metric}_judge"] if spec.category == "Geometry" else [spec.metric])
     # every family backend has its prompt style
     assert {k: v["style"] for k, v in config["lmms_eval_specific_kwargs"].items() if k != "default"} == FAMILY_BACKENDS
     assert config["generation_kwargs"]["do_sample"] is False
@@ -99,7 +104,9 @@ def test_paper_task_prompts_and_scoring(paper_manager, spec):
         assert config["metric_list"][0]["aggregation"]([result, wrong]) == pytest.approx(0.5)
         return
     assert prompts["qwen2_vl"] != prompts["internvl_hf"]
-    assert config["process_results"](doc, ["Stop."]) == {spec.metric: 1.0}
+    # a trailing dot is punctuation for exact match and VQA accuracy, but stays in ChartQA's text compare
+    right = "Stop" if spec.category == "Chart" else "Stop."
+    assert config["process_results"](doc, [right]) == {spec.metric: 1.0}
     assert config["process_results"](doc, ["go"]) == {spec.metric: 0.0}
 
 
@@ -116,6 +123,55 @@ def test_ocrvqa_rows_are_exploded_per_question():
     out = utils.ocrvqa_process_docs(ds)
     assert out["question"] == ["q1", "q2", "q3"] and out["answer"] == ["x", "y", "z"]
     assert out["image_id"] == ["a", "a", "b"]
+
+
+def _ocrvqa_split():
+    import datasets
+    from PIL import Image
+
+    return datasets.Dataset.from_dict({
+        "image": [Image.new("RGB", (4, 4))] * 3, "image_id": ["a", "b", "c"],
+        "questions": [["Who wrote this book?", "Is this a comic?"], ["Who is the author?"], ["Title?"]],
+        "answers": [["x", "no"], ["y"], ["z"]], "title": ["t", "u", "v"],
+    })  # fmt: skip
+
+
+def test_ocrvqa_testcore_keeps_the_listed_questions(tmp_path, monkeypatch):
+    from mmbench_merge.evaluation.tasks.paper import utils
+
+    keys = tmp_path / "testcore.tsv"
+    keys.write_text("# OCRVQA_TESTCORE keys\na\tIs this  a comic?\n\nc\n")  # a pair (spaces squeezed), a cover
+    monkeypatch.setenv(utils.TESTCORE_ENV, str(keys))
+    out = utils.ocrvqa_testcore_process_docs(_ocrvqa_split())
+    assert list(zip(out["image_id"], out["question"])) == [("a", "Is this a comic?"), ("c", "Title?")]
+    assert out["answer"] == ["no", "z"]
+
+
+def test_ocrvqa_testcore_without_its_list_fails_early(tmp_path, monkeypatch):
+    from mmbench_merge import MergeError
+    from mmbench_merge.evaluation import check
+    from mmbench_merge.evaluation.tasks.paper import utils
+
+    cfg = OmegaConf.create({"suite": PAPER, "evaluator": {"name": "lmms_eval"}})
+    monkeypatch.delenv(utils.TESTCORE_ENV, raising=False)
+    with pytest.raises(MergeError, match=r"^suite=paper: task mmb_ocrvqa_testcore .* set MMBENCH_OCRVQA_TESTCORE=<file>"):
+        check(cfg, "cpu")
+    monkeypatch.setenv(utils.TESTCORE_ENV, str(tmp_path / "missing.tsv"))
+    with pytest.raises(MergeError, match="missing.tsv: cannot read the OCRVQA_TESTCORE key list"):
+        check(cfg, "cpu")
+    (tmp_path / "empty.tsv").write_text("# nothing\n")
+    monkeypatch.setenv(utils.TESTCORE_ENV, str(tmp_path / "empty.tsv"))
+    with pytest.raises(MergeError, match="has no keys"):
+        check(cfg, "cpu")
+    (tmp_path / "other.tsv").write_text("zzz\n")
+    monkeypatch.setenv(utils.TESTCORE_ENV, str(tmp_path / "other.tsv"))
+    check(cfg, "cpu")  # readable: the match against the split happens when lmms-eval loads it
+    with pytest.raises(MergeError, match="none of its keys matches"):
+        utils.ocrvqa_testcore_process_docs(_ocrvqa_split())
+    # the full-split suite and merge-only runs need no list
+    monkeypatch.delenv(utils.TESTCORE_ENV)
+    check(OmegaConf.create({"suite": PAPER_FULL, "evaluator": {"name": "lmms_eval"}}), "cpu")
+    check(OmegaConf.create({"suite": PAPER, "evaluator": {"name": "none"}}), "cpu")
 
 
 def test_general_suite_names_lmms_eval_tasks():
@@ -140,7 +196,7 @@ def test_evaluator_checks_fail_before_merging():
         check(_cfg("vllm"), "cpu")
     with pytest.raises(MergeError, match="no tasks"):
         check(_cfg("lmms_eval", OmegaConf.load(REPO / "conf/suite/none.yaml")), "cpu")
-    check(_cfg("lmms_eval"), "cpu")
+    check(_cfg("lmms_eval", PAPER_FULL), "cpu")  # suite=paper also needs the TESTCORE list (test above)
     check(_cfg("none", OmegaConf.load(REPO / "conf/suite/none.yaml")), "cpu")
 
 

@@ -27,18 +27,24 @@ def test_weight_average_and_task_arithmetic():
 
 
 def _ties_reference(arr: np.ndarray, density: float) -> np.ndarray:
-    """TIES written out entry by entry: trim (entries tied with the k-th largest magnitude are kept), elect,
-    disjoint mean."""
+    """TIES as the paper's code computes it, per tensor, written out entry by entry: the threshold is the
+    m-th smallest magnitude, m = int(n * (1 - density)) (all kept when m = 0); entries whose trimmed sum is
+    exactly 0 take the majority elected sign of the tensor; disjoint mean."""
     n, size = arr.shape[0], arr[0].size
-    k = int(density * size)
+    m = int(size * (1.0 - density))
     trimmed = np.zeros_like(arr)
     for i in range(n):
-        threshold = np.sort(np.abs(arr[i].ravel()))[::-1][k - 1]
+        threshold = np.sort(np.abs(arr[i].ravel()))[m - 1] if m > 0 else 0.0
         trimmed[i] = np.where(np.abs(arr[i]) >= threshold, arr[i], 0.0)
+    total = np.zeros(arr.shape[1:], dtype=arr.dtype)
+    for t in trimmed:
+        total += t
+    signs = np.sign(total)
+    majority = np.sign(np.sum(signs))
     result = np.zeros(arr.shape[1:], dtype=arr.dtype)
     for idx in np.ndindex(*arr.shape[1:]):
         vals = trimmed[(slice(None), *idx)]
-        sign = np.sign(vals.sum())
+        sign = signs[idx] if signs[idx] != 0 else majority
         agree = [v for v in vals if v != 0 and np.sign(v) == sign]
         result[idx] = np.mean(agree) if agree else 0.0
     return result

@@ -23,12 +23,16 @@ from mmbench_merge.evaluation import metrics as m
         # bracketed 0-1 floats (lmms-eval's refcoco format, LLaVA)
         ("[0.12, 0.3, 0.5, 0.75]", [0.12, 0.3, 0.5, 0.75]),
         ("The box is [0.1,0.2,0.3,0.4].", [0.1, 0.2, 0.3, 0.4]),
-        # integers 0 and 1 on the grid are grid values, not unit floats
-        ("[[0, 0, 1, 1]]", [0.0, 0.0, 0.001, 0.001]),
-        # swapped corners are put in order
-        ("(300,400),(100,200)", [0.1, 0.2, 0.3, 0.4]),
-        # the first box wins
+        # all four in [0, 1]: 0-1 coordinates, integers included (the paper's rule)
+        ("[[0, 0, 1, 1]]", [0.0, 0.0, 1.0, 1.0]),
+        # swapped corners are kept as given (they overlap nothing)
+        ("(300,400),(100,200)", [0.3, 0.4, 0.1, 0.2]),
+        # one 4-number tuple
+        ("(100, 200, 500, 600)", [0.1, 0.2, 0.5, 0.6]),
+        # the paper's order: a bracketed box first, then a 4-tuple, then Qwen's corner pairs
         ("[[100, 100, 200, 200]] or (500,500),(600,600)", [0.1, 0.1, 0.2, 0.2]),
+        ("(500,500),(600,600) or [[100, 100, 200, 200]]", [0.1, 0.1, 0.2, 0.2]),
+        ("(5, 6, 7, 8) or (500,500),(600,600)", [0.005, 0.006, 0.007, 0.008]),
     ],
 )
 def test_parse_box_formats(answer, expected):
@@ -109,6 +113,10 @@ def test_vqa_accuracy_normalises_like_evalai():
         ("t-shirt", "tshirt", 1.0),
         ("The Hobbit", "the hobbit", 1.0),
         ("yes .", "yes", 1.0),  # space before punctuation (lmms-eval's exact_match says no)
+        ("don\u2019t know", "don't know", 1.0),  # curly apostrophe: not a word character
+        ("1990\u20142000", "1990-2000", 1.0),  # em dash
+        ("file_name", "filename", 0.0),  # `_` is a word character: kept
+        ("Caf\u00e9 Ol\u00e9", "caf\u00e9 ol\u00e9", 1.0),  # letters of any script are kept, lower-cased
         ("no", "yes", 0.0),
         ("left", "left side", 0.0),
         ("", "yes", 0.0),
@@ -132,7 +140,9 @@ def test_exact_match_any_of_several_answers():
         ("95", "100", 1.0),
         ("94.9", "100", 0.0),
         ("45%", "0.45", 1.0),  # percentages become fractions
-        ("12.", "12", 1.0),
+        ("12.", "12", 1.0),  # a number
+        ("Yes.", "Yes", 0.0),  # not a number: the dot stays (lmms-eval and VLMEvalKit: 0)
+        (" Yes ", "yes", 1.0),  # surrounding spaces are stripped (VLMEvalKit)
         ("Yes", "yes", 1.0),
         ("Yes", "no", 0.0),
         ("0", "0", 1.0),  # a zero target needs exact match
@@ -191,6 +201,8 @@ MC = {"question_type": "multi_choice", "answer_type": "text", "choices": ["30", 
         ("C. 60", "60"),
         ("The angle is 60 degrees.", "60"),  # the option text
         ("A", "30"),
+        ("The correct option is C", "60"),
+        ("Looking at the options, the right choice is (C).", "60"),
     ],
 )
 def test_mathvista_multiple_choice_extraction(response, expected):
@@ -208,6 +220,12 @@ def test_mathvista_free_form_numbers():
                 "precision": 1.0}
     assert m.mathvista_score("about 1.49", floating) == 1.0  # rounded to one decimal
     assert m.mathvista_score("1.6", floating) == 0.0
+    half = {"question_type": "free_form", "answer_type": "float", "choices": None, "answer": "0.5", "precision": 1}
+    assert m.mathvista_score("1/2", half) == 1.0  # a fraction is a number
+    assert m.mathvista_score("It is 1 / 2.", half) == 1.0
+    assert m.mathvista_score("x/0", half) == 0.0
+    # Without "answer is", the last number is taken: the rules cannot tell which one answers (the judge can).
+    assert m.mathvista_score("The perimeter is 12 and the area is 36", integer) == 0.0
 
 
 def test_mathvision_rule_checker():

@@ -62,6 +62,7 @@ class TiesConfig(MethodConfig):
     name: str = "ties"
     scaling: float = 1.0
     density: float = 0.2
+    trim_scope: Optional[str] = None  # tensor | model; null = the finetune preset (full: model, lora: tensor)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class DareTiesConfig(MethodConfig):
     scaling: float = 1.0
     drop_rate: float = 0.2
     density: float = 0.2
+    trim_scope: Optional[str] = None  # tensor | model; null = the finetune preset (full: model, lora: tensor)
 
 
 @dataclass
@@ -171,7 +173,9 @@ class EvaluatorConfig:
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra backend arguments
     max_new_tokens: Optional[int] = None  # overrides every task's generation length
     log_samples: bool = False  # write every model answer to <run dir>/samples.jsonl
-    judge: Optional[str] = None  # LLM that extracts MathVista / MathVision answers (default: rule-based)
+    judge: Optional[str] = None  # LLM that extracts MathVista / MathVision answers: a model name served at
+    # judge_url (OpenAI-compatible) or hf:<dir or hub id>; reported as geo_acc_judge beside the rule-based geo_acc
+    judge_url: Optional[str] = None  # OpenAI-compatible base URL (default $OPENAI_BASE_URL, else api.openai.com/v1)
     # vLLM only
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.8

@@ -117,6 +117,7 @@ class MergeReport:
     tensors: list[TensorRecord] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    prepass: dict | None = None  # what a method's first pass over the model found (e.g. TIES' global thresholds)
 
     def to_json(self) -> dict:
         merged = [t for t in self.tensors if t.merged]
@@ -142,6 +143,7 @@ class MergeReport:
                  "dtype": t.dtype}
                 for t in self.tensors
             ],
+            **({"prepass": self.prepass} if self.prepass is not None else {}),
         }  # fmt: skip
 
 
@@ -175,6 +177,8 @@ def merge_tensors(
 
     from .checkpoints import torch_dtype
 
+    method_kwargs = run_prepass(base, experts, method_fn, method_kwargs, selection, seed=seed, device=device,
+                                report=report)  # fmt: skip
     names = base.keys()
     iterator = names
     if progress:
@@ -207,6 +211,46 @@ def merge_tensors(
         del task_vectors, tau_m, merged, theta0
         yield name, out
         _record(report, name, True, started, base)
+
+
+def run_prepass(base, experts, method_fn, method_kwargs: dict, selection: Selection, *, seed: int, device: str,
+                report: MergeReport | None = None) -> dict:  # fmt: skip
+    """A method's optional first pass over the whole model, before the streaming merge.
+
+    A method function may carry `prepare(stream, **method_kwargs) -> (extra_kwargs, summary)`; `stream()` yields
+    (name, task vectors of every expert, a freshly seeded per-tensor generator) for the selected tensors, one
+    tensor at a time, and may be called once per pass. `extra_kwargs` go to every per-tensor call; `summary`
+    (JSON) goes to merge_report.json as "prepass". Memory stays the engine's usual working set.
+    """
+    prepare = getattr(method_fn, "prepare", None)
+    if prepare is None:
+        return method_kwargs
+    started = time.perf_counter()
+    stream = lambda: _selected_task_vectors(base, experts, selection, seed=seed, device=device)  # noqa: E731
+    extra, summary = prepare(stream, **method_kwargs)
+    if report is not None and summary is not None:
+        report.prepass = {**summary, "experts": [e.key for e in experts],
+                          "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    return {**method_kwargs, **extra}
+
+
+def _selected_task_vectors(base, experts, selection: Selection, *, seed: int, device: str):
+    """(name, [tau_i], generator) for every tensor the merge will merge, in file order (the merge loop's inputs)."""
+    import torch
+
+    for name in base.keys():
+        if not selection.selects(name):
+            continue
+        base_value = base.get(name)
+        if not base_value.is_floating_point():
+            continue
+        theta0 = base_value.to(device=device, dtype=torch.float32)
+        task_vectors = [expert.task_vector(name, theta0, device) for expert in experts]
+        for expert, tau in zip(experts, task_vectors):
+            if not torch.isfinite(tau).all():
+                raise MergeError(f"{expert.path}: tensor {name} has NaN or Inf values (expert {expert.key})")
+        yield name, task_vectors, torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
+        del task_vectors, theta0
 
 
 def _record(report: MergeReport | None, name: str, merged: bool, started: float, base: SafetensorsCheckpoint):

@@ -25,6 +25,7 @@ class TaskScore:
     value: float  # 0-100
     n_samples: int
     samples: list[dict] = field(default_factory=list)  # with evaluator.log_samples: doc_id, target, response, score
+    headline: bool = True  # False: a second metric of the task (the LLM judge's), kept out of the averages
 
 
 EVALUATORS = ("none", "lmms_eval", "vllm")
@@ -46,6 +47,22 @@ def check(cfg, device: str) -> None:
 
         if importlib.util.find_spec("vllm") is None:
             raise MergeError("evaluator=vllm: vLLM is not installed (pip install 'mmbench-merge[vllm]')")
+    if name != "none":
+        check_task_inputs(cfg.suite)
+
+
+def check_task_inputs(suite_cfg) -> None:
+    """Inputs a task needs that this project cannot ship (the paper's OCRVQA_TESTCORE key list)."""
+    from .. import MergeError
+
+    names = [t.name for t in suite_cfg.tasks]
+    if "mmb_ocrvqa_testcore" in names:
+        from .tasks.paper.utils import ocrvqa_testcore_keys
+
+        try:
+            ocrvqa_testcore_keys()
+        except MergeError as exc:
+            raise MergeError(f"suite={suite_cfg.name}: {exc}") from None
 
 
 def evaluate(cfg, prepared, device: str) -> list[TaskScore]:

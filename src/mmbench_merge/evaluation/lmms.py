@@ -117,7 +117,7 @@ def run_tasks(lm, task_manager, cfg) -> list[TaskScore]:
     ev = cfg.evaluator
     names = [t.name for t in cfg.suite.tasks]
     gen_kwargs = f"max_new_tokens={ev.max_new_tokens}" if ev.max_new_tokens else None
-    with lmms_errors() as errors, judge_env(ev.judge):
+    with lmms_errors() as errors, judge_env(ev.judge, ev.get("judge_url")):
         results = simple_evaluate(
             model=lm,
             tasks=names,
@@ -164,6 +164,10 @@ def scores_from_results(results, tasks) -> list[TaskScore]:
         ]  # fmt: skip
         scores.append(TaskScore(spec.name, spec.category, spec.metric, spec.label or spec.name,
                                 float(value) * spec.scale, int(n), samples))  # fmt: skip
+        judged = task_results.get(f"{spec.metric}_judge,none")  # evaluator.judge: reported beside the headline
+        if isinstance(judged, (int, float)) and not math.isnan(judged):
+            scores.append(TaskScore(spec.name, spec.category, f"{spec.metric}_judge", spec.label or spec.name,
+                                    float(judged) * spec.scale, int(n), headline=False))  # fmt: skip
     return scores
 
 
@@ -187,14 +191,19 @@ def lmms_errors():
 
 
 @contextmanager
-def judge_env(judge: str | None):
-    """evaluator.judge names the LLM that extracts math answers (lmms-eval's llm_judge; credentials from env)."""
+def judge_env(judge: str | None, url: str | None = None):
+    """evaluator.judge / judge_url for the task hooks (evaluation/judge.py); the API key comes from the environment."""
+    from .judge import MODEL_ENV, URL_ENV
+
     if not judge:
         yield
         return
-    saved = {k: os.environ.get(k) for k in ("MMBENCH_JUDGE_MODEL", "MODEL_VERSION")}
-    os.environ["MMBENCH_JUDGE_MODEL"] = judge
-    os.environ["MODEL_VERSION"] = judge  # lmms-eval's MathVision judge reads this
+    saved = {k: os.environ.get(k) for k in (MODEL_ENV, URL_ENV)}
+    os.environ[MODEL_ENV] = judge
+    if url:
+        os.environ[URL_ENV] = url
+    else:
+        os.environ.pop(URL_ENV, None)
     try:
         yield
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import string
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from statistics import mean
@@ -52,12 +51,14 @@ def vqa_accuracy(prediction: str, answers: Sequence[str] | str) -> float:
 
 
 # ------------------------------------------------------------------------------------------ exact match
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_NON_WORD = re.compile(r"[^\w\s]")
 
 
 def normalize_answer(text: str) -> str:
-    """The paper's exact-match normalisation (GQA, OCR-VQA): lower-case, drop punctuation, squeeze spaces."""
-    return " ".join(str(text).lower().translate(_PUNCTUATION).split())
+    """The paper's exact-match normalisation (its VLMEvalKit `accuracy` method, GQA and OCR-VQA): lower-case,
+    remove every character that is neither a word character nor a space (Unicode-aware: curly quotes and dashes
+    go, letters of any script, digits and `_` stay), squeeze spaces."""
+    return " ".join(_NON_WORD.sub("", str(text).lower()).split())
 
 
 def exact_match(prediction: str, answer: str | Sequence[str]) -> float:
@@ -69,49 +70,50 @@ def exact_match(prediction: str, answer: str | Sequence[str]) -> float:
 
 # ------------------------------------------------------------------------------------------ relaxed accuracy
 def relaxed_accuracy(prediction: str, answer: str, tolerance: float = 0.05) -> float:
-    """ChartQA's relaxed accuracy (lmms-eval's implementation): numbers within 5% relative error, else exact."""
+    """ChartQA's relaxed accuracy (lmms-eval's implementation): numbers within 5% relative error of the gold
+    answer, else a case-insensitive exact match. The prediction is stripped of surrounding whitespace only, as
+    the paper's VLMEvalKit does: "Yes." is not "Yes" (lmms-eval and VLMEvalKit both score it 0)."""
     from lmms_eval.tasks.chartqa.utils import relaxed_correctness
 
-    pred = (prediction or "").strip().rstrip(".")
+    pred = (prediction or "").strip()
     return float(relaxed_correctness(pred, str(answer).strip(), max_relative_change=tolerance))
 
 
 # ------------------------------------------------------------------------------------------ grounding
 _NUM = r"(-?\d+(?:\.\d+)?)"
 _SEP = r"\s*,\s*"
-# Qwen2-VL: <|box_start|>(x1,y1),(x2,y2)<|box_end|> (the special tokens are usually decoded away).
-_QWEN_BOX = re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}\s*\)\s*,?\s*\(\s*{_NUM}{_SEP}{_NUM}\s*\)")
-# InternVL: [[x1, y1, x2, y2]]; also a single bracket pair, which other models emit with 0-1 floats.
-_BRACKET_BOX = re.compile(rf"\[\s*\[?\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\]?\s*\]")
+# In the order the paper's grounding evaluation (its patched lmms-eval RefCOCO utils) tries them:
+# [x1, y1, x2, y2] (also inside InternVL's [[...]]), then (x1, y1, x2, y2), then Qwen2-VL's (x1,y1),(x2,y2)
+# (<|box_start|>...<|box_end|>, the special tokens usually decoded away).
+_BOX_PATTERNS = (
+    re.compile(rf"\[\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\]"),
+    re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\)"),
+    re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}\s*\)\s*,?\s*\(\s*{_NUM}{_SEP}{_NUM}\s*\)"),
+)
 GRID = 1000.0  # Qwen2-VL and InternVL state boxes on a 0-1000 grid
+_UNIT_SLACK = 1e-5
 
 
 def parse_box(text: str) -> list[float] | None:
-    """The first box in a model's answer as [x1, y1, x2, y2] in 0-1 image coordinates, or None.
+    """The box in a model's answer as [x1, y1, x2, y2] in 0-1 image coordinates, or None (scores 0).
 
-    Accepts `(x1,y1),(x2,y2)` (Qwen2-VL, with or without <|box_start|>), `[[x1, y1, x2, y2]]` (InternVL)
-    and `[x1, y1, x2, y2]`. Values are read on the 0-1000 grid unless all four lie in [0, 1] and at least
-    one has a decimal point (the bracketed 0-1 floats some models answer with). Corners are put in order.
+    As the paper's evaluation: the first `[x1, y1, x2, y2]` (InternVL's `[[...]]` included), else the first
+    `(x1, y1, x2, y2)`, else the first `(x1,y1),(x2,y2)` (Qwen2-VL). The numbers are read as 0-1 coordinates when
+    all four lie in [0, 1] (within 1e-5), else on the 0-1000 grid. Corners are taken as given: a box whose
+    corners are swapped has no area and overlaps nothing (IoU 0), as in the paper's and InternVL's evaluation.
     """
     if not text:
         return None
-    candidates = []
-    for pattern in (_QWEN_BOX, _BRACKET_BOX):
+    for pattern in _BOX_PATTERNS:
         match = pattern.search(text)
         if match:
-            candidates.append(match)
-    if not candidates:
+            break
+    else:
         return None
-    match = min(candidates, key=lambda m: m.start())
-    raw = match.groups()
-    values = [float(v) for v in raw]
-    is_unit = all(0.0 <= v <= 1.0 for v in values) and any("." in v for v in raw)
-    if not is_unit:
+    values = [float(v) for v in match.groups()]
+    if any(v < -_UNIT_SLACK or v > 1.0 + _UNIT_SLACK for v in values):
         values = [v / GRID for v in values]
-    x1, y1, x2, y2 = values
-    x1, x2 = sorted((x1, x2))
-    y1, y2 = sorted((y1, y2))
-    return [x1, y1, x2, y2]
+    return values
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -170,7 +172,16 @@ def mathvision_categories(doc: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ MathVista answers
-_LAST_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+# a number, with thousands separators, decimals, or as a fraction "1/2"
+_LAST_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
+
+
+def _number_value(text: str) -> float | None:
+    text = text.replace(",", "")
+    if "/" in text:
+        numerator, denominator = (float(x) for x in text.split("/"))
+        return numerator / denominator if denominator else None
+    return float(text)
 
 
 def _choice_letter(response: str, n_choices: int) -> int | None:
@@ -181,6 +192,7 @@ def _choice_letter(response: str, n_choices: int) -> int | None:
     patterns = (
         rf"^\(?([{letters}])\)?[.:]?$",  # "B", "(B)", "B."
         rf"answer\s*(?:is|:)?\s*:?\s*\(?([{letters}])\)?(?![A-Za-z])",  # "The answer is (B)", "Answer: B"
+        rf"(?i:option|choice)\s*(?i:is)?\s*:?\s*\(?([{letters}])\)?(?![A-Za-z])",  # "The correct option is C"
         rf"\(([{letters}])\)",  # "(B) 12"
         rf"^([{letters}])[.:)]\s",  # "B. 12"
     )
@@ -230,7 +242,9 @@ def mathvista_extract(response: str, doc: dict) -> str | None:
         numbers = stated[:1] or _LAST_NUMBER.findall(response)[-1:]
         if not numbers:
             return None
-        value = float(numbers[0].replace(",", ""))
+        value = _number_value(numbers[0])
+        if value is None:
+            return None
         if answer_type == "integer":
             return str(int(value))
         precision = doc.get("precision")

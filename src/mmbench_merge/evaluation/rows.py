@@ -23,6 +23,9 @@ def score_rows(scores: list[TaskScore]) -> list[dict]:
     ]
     if not scores:
         return rows
+    scores = [s for s in scores if s.headline]  # averages: headline metrics only
+    if not scores:
+        return rows
     by_category: dict[str, list[TaskScore]] = {}
     for s in scores:
         by_category.setdefault(s.category, []).append(s)

@@ -48,7 +48,11 @@ def get_method(name: str) -> Callable:
 # Hyperparameters a method takes from the model's fine-tuning regime (model.finetune) when the config leaves
 # them null. OptMerge's variants are the paper's: full fine-tuning (InternVL2.5-1B), LoRA (Qwen2-VL-7B) and modality
 # merging (the ModelCompose Vicuna LoRAs, model.finetune=modality).
+# TIES' trim scope is the paper's per script: the InternVL script (full fine-tunes) trims over the whole model,
+# the Qwen2-VL script (LoRA experts) per tensor.
 PRESETS: dict[str, dict[str, dict]] = {
+    "ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"}},
+    "dare_ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"}},
     "optmerge": {
         "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1},
         "lora": {

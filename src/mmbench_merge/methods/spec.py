@@ -69,14 +69,15 @@ LR = Range(0.0, None, nullable=True)
 MOMENTUM = Range(0.0, 1.0, low_closed=True, high_closed=False, nullable=True)
 OPTIMIZERS = ("adam", "sgd")
 INITS = ("sum", "mean")
+TRIM_SCOPES = ("tensor", "model", None)  # null = the preset of model.finetune
 
 # method -> key -> Range, or a tuple of allowed strings.
 SPEC: dict[str, dict[str, Range | tuple[str, ...]]] = {
     "weight_average": {"scaling": SCALING},
     "task_arithmetic": {"scaling": SCALING},
-    "ties": {"scaling": SCALING, "density": FRACTION},
+    "ties": {"scaling": SCALING, "density": FRACTION, "trim_scope": TRIM_SCOPES},
     "dare_ta": {"scaling": SCALING, "drop_rate": DROP_RATE},
-    "dare_ties": {"scaling": SCALING, "drop_rate": DROP_RATE, "density": FRACTION},
+    "dare_ties": {"scaling": SCALING, "drop_rate": DROP_RATE, "density": FRACTION, "trim_scope": TRIM_SCOPES},
     "tsv": {"scaling": SCALING, "rank_fraction": Range(0.0, 1.0, nullable=True)},
     "iso_c": {"scaling": SCALING},
     "iso_cts": {"scaling": SCALING, "common_fraction": FRACTION},

@@ -8,6 +8,7 @@ Scores come from mmbench_merge.evaluation.metrics (which calls lmms-eval's metri
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from mmbench_merge.evaluation import metrics
 
@@ -88,10 +89,64 @@ def ocrvqa_process_docs(dataset):
     return dataset.map(explode, batched=True, remove_columns=dataset.column_names)
 
 
+TESTCORE_ENV = "MMBENCH_OCRVQA_TESTCORE"
+
+
+def ocrvqa_testcore_keys() -> tuple[Path, set[str], set[tuple[str, str]]]:
+    """The OCRVQA_TESTCORE key list named by $MMBENCH_OCRVQA_TESTCORE: (path, whole image ids, (image id,
+    question) pairs). One key a line: `image_id` (every question of that cover) or `image_id<TAB>question`;
+    blank lines and lines starting with # are skipped. A missing or empty list is one MergeError line."""
+    from mmbench_merge import MergeError
+
+    value = os.environ.get(TESTCORE_ENV)
+    if not value:
+        raise MergeError(
+            f"task mmb_ocrvqa_testcore (the paper's OCRVQA_TESTCORE subset) needs its question list, which is not "
+            f"shipped: set {TESTCORE_ENV}=<file> (one `image_id` or `image_id<TAB>question` per line, "
+            "docs/evaluation.md), or run suite=paper_ocrvqa_full for the whole OCR-VQA test split"
+        )  # fmt: skip
+    path = Path(value).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{TESTCORE_ENV}={value}: cannot read the OCRVQA_TESTCORE key list ({exc})") from None
+    images, pairs = set(), set()
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        image_id, tab, question = line.partition("\t")
+        if tab:
+            pairs.add((image_id.strip(), " ".join(question.split())))
+        else:
+            images.add(image_id.strip())
+    if not images and not pairs:
+        raise MergeError(f"{TESTCORE_ENV}={value}: the OCRVQA_TESTCORE key list has no keys")
+    return path, images, pairs
+
+
+def ocrvqa_testcore_process_docs(dataset):
+    """The test split's questions listed in $MMBENCH_OCRVQA_TESTCORE, one row per question (as the full task)."""
+    from mmbench_merge import MergeError
+
+    path, images, pairs = ocrvqa_testcore_keys()
+    wanted = images | {image_id for image_id, _ in pairs}
+    covers = dataset.filter(lambda image_id: image_id in wanted, input_columns=["image_id"])
+    rows = ocrvqa_process_docs(covers)
+    rows = rows.filter(
+        lambda image_id, question: image_id in images or (image_id, " ".join(question.split())) in pairs,
+        input_columns=["image_id", "question"],
+    )  # fmt: skip
+    if len(rows) == 0:
+        raise MergeError(f"{TESTCORE_ENV}={path}: none of its keys matches a question of the OCR-VQA test split")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ geometry
 def _judge_model() -> str | None:
     """An LLM judge only when configured (evaluator.judge sets MMBENCH_JUDGE_MODEL); rule-based otherwise."""
-    return os.environ.get("MMBENCH_JUDGE_MODEL") or None
+    from mmbench_merge.evaluation import judge
+
+    return judge.configured()
 
 
 def mathvista_process_docs(dataset):
@@ -103,27 +158,18 @@ def mathvista_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def mathvista_results(doc, results):
+    """`geo_acc`: rule-based extraction (the default, always reported); `geo_acc_judge` as well when
+    evaluator.judge is set: the judge extracts the answer, MathVista's rule compares it."""
     response = results[0]
+    categories = metrics.mathvista_categories(doc)
+    out = {"geo_acc": {"score": metrics.mathvista_score(response, doc), "categories": categories}}
     if _judge_model():
-        response = _judge_extract(response, doc)
-    return {"geo_acc": {"score": metrics.mathvista_score(response, doc), "categories": metrics.mathvista_categories(doc)}}
+        from mmbench_merge.evaluation import judge
 
-
-def _judge_extract(response: str, doc) -> str:
-    """Ask lmms-eval's LLM-judge server (API_TYPE / credentials from the environment) for the final answer."""
-    from lmms_eval.llm_judge import Request, ServerConfig, get_server
-
-    config = ServerConfig(model_name=_judge_model(), temperature=0.0, max_tokens=64)
-    server = get_server(server_name=os.environ.get("API_TYPE", "openai"), config=config)
-    prompt = (
-        "Extract the final answer from the response to the question. Reply with the answer only: an option's "
-        f"text for multiple choice, a number for numeric questions.\n\nQuestion: {doc['query']}\n\n"
-        f"Response: {response}\n\nExtracted answer:"
-    )
-    reply = server.evaluate(Request(messages=[{"role": "user", "content": prompt}], config=config))
-    if not reply.success:
-        raise RuntimeError(f"LLM judge failed: {reply.error}")
-    return reply.content.strip()
+        extracted = judge.extract(doc["query"], response)
+        score = metrics.mathvista_score(extracted, doc) if extracted is not None else 0.0
+        out["geo_acc_judge"] = {"score": score, "categories": categories}
+    return out
 
 
 def mathvision_process_docs(dataset):
@@ -139,13 +185,17 @@ def mathvision_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def mathvision_results(doc, results):
+    """As MathVista: the rule-based checker (`geo_acc`), and with a judge `geo_acc_judge` (the judge extracts the
+    answer, lmms-eval's MathVision checker compares it)."""
+    categories = metrics.mathvision_categories(doc)
+    out = {"geo_acc": {"score": metrics.mathvision_score(results[0], doc), "categories": categories}}
     if _judge_model():
-        from lmms_eval.tasks.mathvision.utils import mathvision_gpt_eval_process_results
+        from mmbench_merge.evaluation import judge
 
-        score = float(mathvision_gpt_eval_process_results(doc, results)["llm_as_judge_eval"])
-    else:
-        score = metrics.mathvision_score(results[0], doc)
-    return {"geo_acc": {"score": score, "categories": metrics.mathvision_categories(doc)}}
+        extracted = judge.extract(mathvision_text(doc), results[0])
+        score = metrics.mathvision_score(extracted, doc) if extracted is not None else 0.0
+        out["geo_acc_judge"] = {"score": score, "categories": categories}
+    return out
 
 
 def geometry_mean(items):
