@@ -31,6 +31,10 @@ class ModelConfig:
     files_from: str = "base"  # "base" or an expert's key: where tokenizer/processor/chat template come from
     dtype: str = "bfloat16"  # dtype the evaluator loads the model in
     revision: Optional[str] = None  # hub revision for every hub id of this model
+    # Run the checkpoint's own Python code (InternVL's original layout ships some). Off: it is never imported;
+    # internvl_chat checkpoints are then evaluated through transformers' native InternVL (internvl_chat.py).
+    trust_remote_code: bool = False
+    merged_format: str = "native"  # internvl_chat, save_merged=true: native (transformers' InternVL) | original
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -169,6 +173,7 @@ class EvaluatorConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.8
     max_pixels: Optional[int] = None
+    python: Optional[str] = None  # the vLLM environment's interpreter (default $MMBENCH_VLLM_PYTHON, .venv-vllm)
 
 
 # --------------------------------------------------------------------------------------------- logger
