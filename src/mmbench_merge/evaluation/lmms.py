@@ -65,11 +65,12 @@ def loadable_view(cfg, prepared, stack: ExitStack) -> tuple[str, bool]:
     if needs_native_view(cfg.model):
         from ..internvl_chat import is_original, native_view
 
-        if is_original(weights_dir):
-            files_dir = Path(prepared.files_dir) if prepared.files_dir else weights_dir
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmbench-internvl-native-")))
-            log.info("translating %s (InternVL original layout) to transformers' native InternVL", weights_dir)
-            return str(native_view(weights_dir, files_dir, tmp / "model")), True
+        if not is_original(weights_dir):
+            return str(weights_dir), False  # a native merge written by NativeWriter: complete, files translated
+        files_dir = Path(prepared.files_dir) if prepared.files_dir else weights_dir
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmbench-internvl-native-")))
+        log.info("translating %s (InternVL original layout) to transformers' native InternVL", weights_dir)
+        return str(native_view(weights_dir, files_dir, tmp / "model")), True
     return model_view(prepared, stack), False
 
 
