@@ -243,3 +243,19 @@ def test_the_shipped_internvl2_5_config_selects_the_papers_tensors():
     selected = [n for n in names if selection.selects(n)]
     assert len(selected) == 171
     assert {n for n in selected if n.startswith("mlp1")} == {"mlp1.0.weight", "mlp1.1.weight", "mlp1.3.weight"}
+
+
+def test_a_failed_evaluation_keeps_the_merge(original, tmp_path):
+    """The backend fails before it takes the merged weights: they are written to merged/ (native), not lost."""
+    from mmbench_merge import MergeError
+    from mmbench_merge.checkpoints import SafetensorsCheckpoint
+    from mmbench_merge.runner import run as run_once
+
+    cfg = compose(original["conf"], "model=tiny_internvl_chat", "suite=minibench", "method=weight_average",
+                  "evaluator.backend=no_such_backend", "logger=none", "device=cpu", f"runs_dir={tmp_path}")  # fmt: skip
+    with pytest.raises(MergeError, match="evaluator.backend: lmms-eval has no usable backend 'no_such_backend'"):
+        run_once(cfg, tmp_path / "run")
+    merged = tmp_path / "run" / "merged"
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "internvl"
+    assert "multi_modal_projector.layer_norm.weight" in SafetensorsCheckpoint(merged).keys()
+    assert not (tmp_path / "run" / "results.jsonl").exists()
