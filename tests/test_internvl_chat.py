@@ -259,3 +259,18 @@ def test_a_failed_evaluation_keeps_the_merge(original, tmp_path):
     assert json.loads((merged / "config.json").read_text())["model_type"] == "internvl"
     assert "multi_modal_projector.layer_norm.weight" in SafetensorsCheckpoint(merged).keys()
     assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_llm_config_attention_choice_is_left_to_transformers():
+    """InternVL2.5's llm_config names flash_attention_2; the native config must not require it."""
+    from mmbench_merge.internvl_chat import native_config
+
+    config = {"llm_config": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+                             "attn_implementation": "flash_attention_2", "rope_theta": 1e6},
+              "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                "num_attention_heads": 16, "qkv_bias": True, "image_size": 448, "patch_size": 14},
+              "force_image_size": 448, "downsample_ratio": 0.5, "template": "internvl2_5"}  # fmt: skip
+    native = native_config(config, 151667)
+    assert "attn_implementation" not in native["text_config"] and "architectures" not in native["text_config"]
+    assert native["image_seq_length"] == 256 and native["vision_config"]["attention_bias"] is True
+    assert native["vision_config"]["image_size"] == [448, 448] and native["image_token_id"] == 151667

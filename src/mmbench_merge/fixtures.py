@@ -218,7 +218,7 @@ def to_internvl_chat(native_dir: Path, out_dir: Path, *, template: str = "intern
             "patch_size": patch, "image_size": size, "qkv_bias": vision.get("attention_bias", False),
             "qk_normalization": vision.get("use_qk_norm", False), "norm_type": vision.get("norm_type", "layer_norm"),
             "layer_norm_eps": vision.get("layer_norm_eps", 1e-6), "hidden_act": vision.get("hidden_act", "gelu"),
-            "initializer_factor": vision.get("layer_scale_init_value", 0.1), "torch_dtype": dtype,
+            "initializer_factor": 1.0, "torch_dtype": dtype,
         },
     }  # fmt: skip
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

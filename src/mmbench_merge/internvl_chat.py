@@ -208,7 +208,9 @@ def native_config(config: dict, image_token_id: int, source: str = "config.json"
             f"{source}: llm_config is {llm.get('model_type')!r}/{arch}; only Qwen2 / LLaMA language models "
             "(InternVL2.5 1B-8B, 26B+ use InternLM2) have a native mapping"
         )
-    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "use_bfloat16"):
+    # InternVL2.5's llm_config asks for flash_attention_2 (not installed on most machines): let transformers choose.
+    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "use_bfloat16",
+                "attn_implementation", "_attn_implementation"):
         llm.pop(key, None)
     dtype = config.get("torch_dtype") or llm.get("torch_dtype") or "bfloat16"
     image_size, patch = _image_size(config), _patch_size(vision)
@@ -227,7 +229,6 @@ def native_config(config: dict, image_token_id: int, source: str = "config.json"
         "image_size": [image_size, image_size],
         "patch_size": [patch, patch],
         "num_channels": vision.get("num_channels", 3),
-        "layer_scale_init_value": vision.get("initializer_factor", 0.1),
         "use_mean_pooling": True,
         "dtype": dtype,
     }
