@@ -41,6 +41,27 @@ lock:
 	@diff <(grep -E '^[A-Za-z0-9]' .lock.old | sort) <(grep -E '^[A-Za-z0-9]' requirements.lock | sort) \
 		| sed -n 's/^< /  was: /p; s/^> /  now: /p' ; rm -f .lock.old; echo "requirements.lock written"
 
+# evaluator=vllm's own environment (.venv-vllm): vLLM pins a torch/transformers pair the project's
+# constraints.txt excludes (no released vLLM resolves beside torch 2.14.1), so it gets a venv of its own, installed
+# exactly from requirements-vllm.txt (`make lock-vllm` recompiles it from requirements-vllm.in). The project runs
+# lmms-eval there as a child process (src/mmbench_merge/evaluation/vllm_eval.py). GPU machines only.
+VLLM_VENV ?= .venv-vllm
+.PHONY: install-vllm lock-vllm
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q uv==$(UV_VERSION)
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -c "import vllm, lmms_eval; print('installed: vllm', vllm.__version__)"
+	touch $@
+
+lock-vllm:
+	@command -v uv >/dev/null || $(PYTHON) -m pip install -q uv==$(UV_VERSION)
+	uv pip compile requirements-vllm.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--quiet -o requirements-vllm.txt
+	@grep -E '^(vllm|torch|transformers|lmms-eval)==' requirements-vllm.txt
+
 # The main job on its embedded default: the offline MiniBench (mini_qwen2vl, optmerge, suite=minibench).
 demo: install
 	$(PY) run.py

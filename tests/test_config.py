@@ -10,7 +10,8 @@ from mmbench_merge.engine import Selection
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
-# Tensor names as they stand in the real checkpoints (Qwen/Qwen2-VL-7B; OpenGVLab/InternVL2_5-1B, internvl_chat).
+# Tensor names as they stand in the real checkpoints (Qwen/Qwen2-VL-7B; OpenGVLab/InternVL2_5-1B, internvl_chat,
+# where the paper also merges the projector LayerNorm weight mlp1.0.weight).
 QWEN2VL_KEYS = {
     "model.layers.0.self_attn.q_proj.weight": True, "model.layers.27.self_attn.o_proj.weight": True,
     "model.layers.3.mlp.gate_proj.weight": True, "model.layers.3.mlp.down_proj.weight": True,
@@ -21,7 +22,7 @@ QWEN2VL_KEYS = {
 }  # fmt: skip
 INTERNVL_KEYS = {
     "language_model.model.layers.0.self_attn.k_proj.weight": True, "language_model.model.layers.23.mlp.up_proj.weight": True,
-    "mlp1.1.weight": True, "mlp1.3.weight": True, "mlp1.0.weight": False, "mlp1.0.bias": False, "mlp1.1.bias": False,
+    "mlp1.1.weight": True, "mlp1.3.weight": True, "mlp1.0.weight": True, "mlp1.0.bias": False, "mlp1.1.bias": False,
     "language_model.model.layers.0.self_attn.q_proj.bias": False, "language_model.model.norm.weight": False,
     "language_model.model.embed_tokens.weight": False, "language_model.lm_head.weight": False,
     "vision_model.encoder.layers.0.attn.qkv.weight": False, "vision_model.encoder.layers.0.mlp.fc1.weight": False,

@@ -210,7 +210,9 @@ def test_vllm_backend_arguments():
     kwargs = vllm_kwargs(cfg, "/ckpt")
     assert kwargs["model"] == "/ckpt" and kwargs["tensor_parallel_size"] == 2 and kwargs["max_pixels"] == 1003520
     assert kwargs["gpu_memory_utilization"] == 0.8 and kwargs["trust_remote_code"] is False
-    cfg.model.family = "internvl_chat"
+    cfg.model.family = "internvl_chat"  # remote code only with the model config's explicit opt-in
+    assert vllm_kwargs(cfg, "/ckpt")["trust_remote_code"] is False
+    cfg.model.trust_remote_code = True
     assert vllm_kwargs(cfg, "/ckpt")["trust_remote_code"] is True
 
 

@@ -36,6 +36,10 @@ class ModelConfig:
     # space the LoRAs are merged in: factor (A and B separately, the paper) | product_dense | product_svd
     encoders: Dict[str, str] = field(default_factory=dict)
     merge_space: str = "factor"
+    # Run the checkpoint's own Python code (InternVL's original layout ships some). Off: it is never imported;
+    # internvl_chat checkpoints are then evaluated through transformers' native InternVL (internvl_chat.py).
+    trust_remote_code: bool = False
+    merged_format: str = "native"  # internvl_chat, save_merged=true: native (transformers' InternVL) | original
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -180,6 +184,7 @@ class EvaluatorConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.8
     max_pixels: Optional[int] = None
+    python: Optional[str] = None  # the vLLM environment's interpreter (default $MMBENCH_VLLM_PYTHON, .venv-vllm)
 
 
 # --------------------------------------------------------------------------------------------- logger

@@ -324,7 +324,15 @@ def merge_model(
     files_from = files_source(model_cfg, base.path, expert_paths)
 
     report = MergeReport(method_cfg["name"], scaling, kwargs, device, {e.key: e.kind for e in experts})
-    writer = ShardedWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20)) if out_dir else None
+    writer, check = None, None
+    if out_dir:
+        if writes_native(model_cfg):
+            from .internvl_chat import NativeWriter  # original names merged, native names written
+
+            writer = NativeWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20))
+        else:
+            writer = ShardedWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20))
+            check = lambda path: verify_checkpoint(path, base)  # noqa: E731
     state_dict = {} if keep_in_memory else None
     started = time.perf_counter()
     try:
@@ -338,7 +346,9 @@ def merge_model(
         merged_dir = None
         if writer is not None:
             sources = [base.path] if files_from == base.path else [base.path, files_from]
-            merged_dir = writer.commit(extra_files_from=sources, check=lambda path: verify_checkpoint(path, base))
+            merged_dir = writer.commit(extra_files_from=sources, check=check)
+            if check is not None:  # the native writer translates the files itself
+                drop_stale_chat_template(merged_dir, files_from)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -368,6 +378,28 @@ def used_experts(model_cfg) -> dict[str, str]:
     if len(set(use)) != len(use):
         raise MergeError(f"model.use: an expert is named twice in {use}")
     return {key: experts[key] for key in use}
+
+
+MERGED_FORMATS = ("native", "original")
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
+
+
+def writes_native(model_cfg) -> bool:
+    """An internvl_chat merge written in transformers' native layout (merged_format: native, the default)."""
+    fmt = model_cfg.get("merged_format", "native")
+    if fmt not in MERGED_FORMATS:
+        raise MergeError(f"model.merged_format: {fmt!r} is not one of {', '.join(MERGED_FORMATS)}")
+    return model_cfg.family == "internvl_chat" and fmt == "native"
+
+
+def drop_stale_chat_template(merged_dir: Path, files_from: Path) -> None:
+    """Chat templates come from files_from only: a base's legacy chat_template.json would override the
+    expert's chat_template.jinja when transformers loads the processor."""
+    if not any((Path(files_from) / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return
+    for name in CHAT_TEMPLATE_FILES:
+        if not (Path(files_from) / name).is_file():
+            (Path(merged_dir) / name).unlink(missing_ok=True)
 
 
 def files_source(model_cfg, base_path: Path, expert_paths: dict[str, Path]) -> Path:

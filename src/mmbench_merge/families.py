@@ -26,13 +26,37 @@ FAMILIES: dict[str, Family] = {
     # InternVL in transformers' native format (OpenGVLab/InternVL2_5-1B-hf and our MiniBench models).
     "internvl": Family("internvl", "InternVLForConditionalGeneration", "internvl", "internvl_hf", "internvl"),
     # InternVL in its original "internvl_chat" format (OpenGVLab/InternVL2_5-1B, remote code).
-    "internvl_chat": Family("internvl_chat", None, "internvl_chat", "internvl2", "internvl"),
+    # Evaluated through the native class (names and config mapped by internvl_chat.py) unless the model config
+    # sets trust_remote_code: true, which selects lmms-eval's remote-code `internvl2` backend (REMOTE_CODE_BACKENDS).
+    "internvl_chat": Family("internvl_chat", None, "internvl_chat", "internvl_hf", "internvl"),
     # LLaVA / Vicuna-style vision-language models (and the modality-merging Vicuna models).
     "llava": Family("llava", "LlavaForConditionalGeneration", "llava", "llava_hf", "none"),
     # Modality merging: ModelCompose's vision / audio / video LoRAs of one Vicuna, merged into one omni model
     # (mmbench_merge.modality; its lmms-eval backend is registered by this project).
     "omni": Family("omni", None, "multimodal", "mmbench_omni", "none"),
 }
+
+
+REMOTE_CODE_BACKENDS = {"internvl_chat": "internvl2"}  # family -> lmms-eval backend that runs the checkpoint's code
+
+
+def backend_for(model_cfg, override: str | None = None) -> str:
+    """The lmms-eval backend that evaluates a model config (evaluator.backend wins when set)."""
+    family = get_family(model_cfg.family)
+    remote = bool(model_cfg.get("trust_remote_code", False))
+    if override:
+        if override in REMOTE_CODE_BACKENDS.values() and not remote:
+            raise MergeError(f"evaluator.backend={override} runs the checkpoint's own code: set "
+                             f"model.trust_remote_code=true to allow it")
+        return override
+    if remote and family.name in REMOTE_CODE_BACKENDS:
+        return REMOTE_CODE_BACKENDS[family.name]
+    return family.lmms_backend
+
+
+def needs_native_view(model_cfg) -> bool:
+    """internvl_chat without remote code: original-layout directories are translated before evaluation."""
+    return model_cfg.family == "internvl_chat" and not bool(model_cfg.get("trust_remote_code", False))
 
 
 def get_family(name: str) -> Family:

@@ -140,14 +140,15 @@ SELECTION = {
 
 
 def write_model_yaml(conf_dir: Path, name: str, arch: str, family_paths: dict, finetune: str = "full",
-                     experts: tuple[str, ...] = TASKS) -> Path:
+                     experts: tuple[str, ...] = TASKS, files_from: str = "base", extra: dict | None = None) -> Path:
     """A model config (same schema as conf/model/*.yaml) for a fixture family; pass its dir with --config-dir."""
-    include, exclude = SELECTION[arch]
-    lines = ["defaults: [model_schema]", f"name: {name}", f"family: {FAMILY_OF_ARCH[arch]}",
+    include, exclude = INTERNVL_CHAT_SELECTION if arch == "internvl_chat" else SELECTION[arch]
+    lines = ["defaults: [model_schema]", f"name: {name}", f"family: {FAMILY_OF_ARCH.get(arch, arch)}",
              f"finetune: {finetune}", f"base: {family_paths['base']}", "experts:"]  # fmt: skip
     lines += [f"  {task}: {family_paths['experts'][task]}" for task in experts]
     lines += ["merge:", f"  include: {json.dumps(include)}", f"  exclude: {json.dumps(exclude)}",
-              "files_from: base", "dtype: float32"]  # fmt: skip
+              f"files_from: {files_from}", "dtype: float32"]  # fmt: skip
+    lines += [f"{key}: {json.dumps(value)}" for key, value in (extra or {}).items()]
     path = Path(conf_dir) / "model" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -169,3 +170,84 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m mmbench_merge.fixtures OUT_DIR   (builds tiny checkpoints + model YAMLs)")
     print(build_all(Path(sys.argv[1])))
+
+
+# ------------------------------------------------------------------------------------------ real disk layouts
+REMOTE_CODE_TRAP = (
+    "# A stand-in for InternVL's remote code: a test checkpoint must never run it.\n"
+    "raise RuntimeError('remote code from {path} was imported')\n"
+)
+
+
+def to_internvl_chat(native_dir: Path, out_dir: Path, *, template: str = "internvl2_5") -> Path:
+    """The original `internvl_chat` layout (one model.safetensors, llm_config / vision_config / auto_map,
+    remote-code .py files, a CLIP preprocessor config) of a native InternVL checkpoint, as OpenGVLab ships
+    InternVL2.5. The .py files raise when imported, so a test can tell that no remote code ran.
+    """
+    from safetensors.torch import save_file
+
+    from .checkpoints import SafetensorsCheckpoint
+    from .internvl_chat import REMOTE_CODE_FILES, to_original_state_dict
+
+    native_dir, out_dir = Path(native_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = SafetensorsCheckpoint(native_dir)
+    state = to_original_state_dict({name: source.get(name).clone() for name in source.keys()})
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    native = json.loads((native_dir / "config.json").read_text())
+    text, vision = dict(native["text_config"]), native["vision_config"]
+    text.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    size = vision["image_size"][0] if isinstance(vision["image_size"], list) else vision["image_size"]
+    patch = vision["patch_size"][0] if isinstance(vision["patch_size"], list) else vision["patch_size"]
+    dtype = native.get("dtype", "bfloat16")
+    config = {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+        "downsample_ratio": native.get("downsample_ratio", 0.5), "force_image_size": size,
+        "dynamic_image_size": False, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12,
+        "ps_version": "v2", "select_layer": native.get("vision_feature_layer", -1), "template": template,
+        "use_backbone_lora": 0, "use_llm_lora": 0, "tie_word_embeddings": "language_model.lm_head.weight"
+        not in state, "torch_dtype": dtype,
+        "llm_config": text,
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+            "hidden_size": vision["hidden_size"], "intermediate_size": vision["intermediate_size"],
+            "num_hidden_layers": vision["num_hidden_layers"], "num_attention_heads": vision["num_attention_heads"],
+            "patch_size": patch, "image_size": size, "qkv_bias": vision.get("attention_bias", False),
+            "qk_normalization": vision.get("use_qk_norm", False), "norm_type": vision.get("norm_type", "layer_norm"),
+            "layer_norm_eps": vision.get("layer_norm_eps", 1e-6), "hidden_act": vision.get("hidden_act", "gelu"),
+            "initializer_factor": 1.0, "torch_dtype": dtype,
+        },
+    }  # fmt: skip
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    processor = json.loads((native_dir / "processor_config.json").read_text()).get("image_processor", {})
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": processor.get("image_mean"),
+        "image_std": processor.get("image_std"), "resample": 3, "size": size}, indent=2) + "\n")  # fmt: skip
+    tokenizer_config = json.loads((native_dir / "tokenizer_config.json").read_text())
+    for key in ("start_image_token", "end_image_token", "context_image_token", "video_token",
+                "model_specific_special_tokens", "processor_class"):  # fmt: skip
+        tokenizer_config.pop(key, None)  # the original tokenizer config knows nothing of the processor
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    for name in ("tokenizer.json", "generation_config.json"):
+        if (native_dir / name).is_file():
+            (out_dir / name).write_bytes((native_dir / name).read_bytes())
+    for name in REMOTE_CODE_FILES:
+        (out_dir / name).write_text(REMOTE_CODE_TRAP.format(path=out_dir / name))
+    return out_dir
+
+
+def make_internvl_chat_family(native_family: dict, root: Path, experts: tuple[str, ...] = TASKS) -> dict:
+    """Base + full experts of a native InternVL family converted to the original layout under `root`."""
+    root = Path(root)
+    base = to_internvl_chat(Path(native_family["base"]), root / "base")
+    converted = {t: str(to_internvl_chat(Path(native_family["experts"][t]), root / t)) for t in experts}
+    return {"base": str(base), "experts": converted}
+
+
+# The paper's InternVL2.5 selection on original names: LLM linears, projector linears and its LayerNorm weight.
+INTERNVL_CHAT_SELECTION = ([LM_LINEARS, r"^mlp1\.(0|1|3)\.weight$"],
+                           [r"^vision_model\.", "embed_tokens", "lm_head", "norm", r"\.bias$"])  # fmt: skip

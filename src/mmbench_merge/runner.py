@@ -113,7 +113,11 @@ def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dic
     device = resolve_device(cfg.device)
     check_evaluator(cfg, device)
     prepared = prepare_model(cfg, run_dir, device)
-    rows = evaluate(cfg, prepared, device, run_dir=run_dir)
+    try:
+        rows = evaluate(cfg, prepared, device, run_dir=run_dir)
+    except BaseException:
+        keep_merge(cfg, prepared, run_dir)
+        raise
     summary = {"run_dir": str(run_dir), "run_id": record.run_id, "model": cfg.model.name,
                "method": cfg.method.name, "started_at": record.started_at, "status": "complete"}  # fmt: skip
     if prepared.report is not None:
@@ -230,6 +234,37 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
     base_dir, files_dir = model_sources(cfg.model)
     return PreparedModel(model_dir=result.merged_dir, base_dir=base_dir, files_dir=files_dir,
                          state_dict=result.state_dict, report=report)  # fmt: skip
+
+
+def keep_merge(cfg: DictConfig, prepared: PreparedModel, run_dir: Path) -> Path | None:
+    """An evaluation that failed before it took the merged weights (e.g. the backend could not load the model):
+    write them to <run dir>/merged/ (the layout save_merged would give) instead of losing the merge."""
+    from .checkpoints import ShardedWriter, _safetensors_dtype
+    from .engine import drop_stale_chat_template, writes_native
+
+    state = prepared.state_dict
+    if not state or (run_dir / "merged").exists():
+        return None
+    layout = [(name, _safetensors_dtype(t), tuple(t.shape)) for name, t in state.items()]
+    if writes_native(cfg.model):
+        from .internvl_chat import NativeWriter
+
+        writer = NativeWriter(run_dir / "merged", layout, int(cfg.shard_size_mb * 2**20))
+    else:
+        writer = ShardedWriter(run_dir / "merged", layout, int(cfg.shard_size_mb * 2**20))
+    try:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        sources = [p for p in (prepared.base_dir, prepared.files_dir) if p is not None]
+        out = writer.commit(extra_files_from=list(dict.fromkeys(sources)))
+        if prepared.files_dir is not None and not writes_native(cfg.model):
+            drop_stale_chat_template(out, prepared.files_dir)
+    except Exception as exc:  # noqa: BLE001 (the evaluation error is the one to report)
+        writer.abort()
+        log.error("the merged weights could not be kept (%s: %s)", type(exc).__name__, exc)
+        return None
+    log.error("evaluation failed; the merged weights are kept in %s", out)
+    return out
 
 
 def needs_checkpoint(cfg: DictConfig) -> bool:

@@ -4,7 +4,7 @@
 
 `evaluator=lmms_eval` builds the lmms-eval backend of the model's family in this process and, for a merge
 kept in memory, copies the merged weights into it (no checkpoint written); `evaluator=vllm` evaluates a
-written checkpoint with lmms-eval's vLLM backend. Either way a task that lmms-eval did not score, or an
+written checkpoint with lmms-eval's vLLM backend, in vLLM's own environment, as a child process (vllm_eval.py). Either way a task that lmms-eval did not score, or an
 error lmms-eval only logged, fails the run: lmms-eval itself carries on (and exits 0) after many crashes.
 """
 
@@ -43,10 +43,13 @@ def check(cfg, device: str) -> None:
     if name == "vllm":
         if not device.startswith("cuda"):
             raise MergeError(f"evaluator=vllm runs on a GPU (device is {device}); use evaluator=lmms_eval on CPU")
-        import importlib.util
+        from .vllm_eval import check_environment
 
-        if importlib.util.find_spec("vllm") is None:
-            raise MergeError("evaluator=vllm: vLLM is not installed (pip install 'mmbench-merge[vllm]')")
+        check_environment(cfg)  # its own venv (make install-vllm): imports vllm and lmms_eval there
+        if cfg.model.family == "internvl_chat" and cfg.model.get("merged_format") == "original" \
+                and not cfg.model.get("trust_remote_code"):
+            raise MergeError("evaluator=vllm with model.merged_format=original loads InternVL's remote code: set "
+                             "model.trust_remote_code=true or keep merged_format=native")
     if name != "none":
         check_task_inputs(cfg.suite)
 

@@ -24,21 +24,26 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 
 def evaluate_in_process(cfg, prepared, device: str) -> list[TaskScore]:
-    from ..families import get_family
+    from ..families import backend_for, get_family
     from .suites import task_manager_for
 
     family = get_family(cfg.model.family)
-    backend_name = cfg.evaluator.backend or family.lmms_backend
+    backend_name = backend_for(cfg.model, cfg.evaluator.backend)
     with ExitStack() as stack:
         task_manager = task_manager_for(cfg, family, stack)
-        pretrained = model_view(prepared, stack)
+        pretrained, native = loadable_view(cfg, prepared, stack)
         lm = build_backend(backend_name, pretrained, cfg, device)
         if prepared.state_dict is not None:
             from .weights import load_into_model
 
+            state = prepared.state_dict
+            if native:  # merged under the original InternVL names: the same tensors under the native ones
+                from ..internvl_chat import to_native_state_dict
+
+                state = to_native_state_dict(state)
             load = getattr(lm, "load_merged_weights", None)  # a backend with its own format (the omni model)
-            n = load(prepared.state_dict) if load else load_into_model(lm.model, prepared.state_dict,
-                                                                        source="merged weights (in memory)")  # fmt: skip
+            n = load(state) if load else load_into_model(lm.model, state, source="merged weights (in memory)")
+            state.clear()
             prepared.state_dict.clear()  # copied into the model: free the second copy before generating
             log.info("evaluating the merged weights in memory (%d tensors) with lmms-eval backend %s", n, backend_name)
         else:
@@ -47,6 +52,29 @@ def evaluate_in_process(cfg, prepared, device: str) -> list[TaskScore]:
 
 
 # ------------------------------------------------------------------------------------------ the model
+def loadable_view(cfg, prepared, stack: ExitStack) -> tuple[str, bool]:
+    """(directory the backend loads, whether it was translated from InternVL's original layout).
+
+    An internvl_chat checkpoint in its original layout, without trust_remote_code, is converted tensor by
+    tensor into a temporary native directory (weights from the checkpoint, config / processor / tokenizer /
+    chat template translated from files_from; no .py file is copied): transformers' own InternVL class then
+    loads it, and no code from the checkpoint ever runs.
+    """
+    from ..families import needs_native_view
+
+    weights_dir = Path(prepared.model_dir or prepared.base_dir)
+    if needs_native_view(cfg.model):
+        from ..internvl_chat import is_original, native_view
+
+        if not is_original(weights_dir):
+            return str(weights_dir), False  # a native merge written by NativeWriter: complete, files translated
+        files_dir = Path(prepared.files_dir) if prepared.files_dir else weights_dir
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmbench-internvl-native-")))
+        log.info("translating %s (InternVL original layout) to transformers' native InternVL", weights_dir)
+        return str(native_view(weights_dir, files_dir, tmp / "model")), True
+    return model_view(prepared, stack), False
+
+
 def model_view(prepared, stack: ExitStack) -> str:
     """A directory the backend can load: weights from one checkpoint, tokenizer/processor/config from another.
 
@@ -59,9 +87,14 @@ def model_view(prepared, stack: ExitStack) -> str:
     if files_dir.resolve() == weights_dir.resolve():
         return str(weights_dir)
     view = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmbench-model-view-")))
+    from ..engine import CHAT_TEMPLATE_FILES
+
+    files_template = any((files_dir / name).is_file() for name in CHAT_TEMPLATE_FILES)
     for source, weights in ((weights_dir, True), (files_dir, False)):
         for path in source.iterdir():
             is_weight = path.name.endswith(WEIGHT_FILES) or path.name in WEIGHT_INDEXES
+            if weights and files_template and path.name in CHAT_TEMPLATE_FILES:
+                continue  # the template comes from files_dir alone (a stale .json would override its .jinja)
             if path.is_file() and (weights or not is_weight):
                 target = view / path.name
                 if target.exists() or target.is_symlink():
@@ -102,7 +135,13 @@ def build_backend(backend_name: str, pretrained: str, cfg, device: str):
         cls = get_model(backend_name)
     except Exception as exc:  # noqa: BLE001 (import errors of any kind: one clear line)
         raise MergeError(f"evaluator.backend: lmms-eval has no usable backend {backend_name!r} ({exc})") from None
-    lm = cls(**backend_kwargs(backend_name, pretrained, cfg, device))
+    try:
+        lm = cls(**backend_kwargs(backend_name, pretrained, cfg, device))
+    except MergeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (a backend that cannot load the model: one line, not a traceback)
+        raise MergeError(f"lmms-eval backend {backend_name}: could not load {pretrained} "
+                         f"({type(exc).__name__}: {exc})") from None
     dtype = getattr(torch, cfg.model.dtype, None)
     if isinstance(dtype, torch.dtype) and lm.model.dtype != dtype:
         lm.model.to(dtype)  # every backend picks its own dtype; model.dtype is what the config asks for

@@ -65,11 +65,35 @@ def relaxed_acc_results(doc, results):
     return {"relaxed_acc": metrics.relaxed_accuracy(results[0], doc["answer"])}
 
 
-def gqa_process_docs(dataset):
-    # lmms-eval's own: joins the testdev-balanced questions with the separately stored images
-    from lmms_eval.tasks.gqa.utils import gqa_process_docs as upstream
+GQA_IMAGES = ("lmms-lab-encoder/GQA", "testdev_balanced_images", "testdev")  # hub id, config, split
+GQA_IMAGES_ENV = "MMBENCH_GQA_IMAGES"  # a local copy instead (a `save_to_disk` directory)
 
-    return upstream(dataset)
+
+def gqa_images():
+    """GQA's testdev-balanced images: stored apart from the questions. A public dataset: no token is asked for
+    (lmms-eval's own hook passes token=True, which fails without a hub login)."""
+    import datasets
+
+    local = os.environ.get(GQA_IMAGES_ENV)
+    if local:
+        images = datasets.load_from_disk(local)
+        return images[GQA_IMAGES[2]] if isinstance(images, datasets.DatasetDict) else images
+    path, name, split = GQA_IMAGES
+    return datasets.load_dataset(path, name, split=split)
+
+
+def gqa_process_docs(dataset):
+    """Each question row gets the image its `imageId` names."""
+    images = gqa_images()
+    row_of = {image_id: i for i, image_id in enumerate(images["id"])}
+    missing = sorted(set(dataset["imageId"]) - set(row_of))
+    if missing:
+        raise ValueError(f"GQA: image {missing[0]} of the questions is not in the images split ({len(missing)} missing)")
+
+    def attach(doc):
+        return {"image": images[row_of[doc["imageId"]]]["image"].convert("RGB")}
+
+    return dataset.map(attach)
 
 
 def ocrvqa_process_docs(dataset):
