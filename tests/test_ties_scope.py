@@ -178,11 +178,12 @@ def _one_error_line(proc):
 def test_cli_bad_values_and_report(tiny_conf, tmp_path):
     common = ["--config-dir", str(tiny_conf), "evaluator=none", "logger=none", "suite=none", "model=tiny_internvl"]
     proc = run_cli(*common, f"hydra.run.dir={tmp_path / 'a'}", "method=ties", "method.trim_scope=foo", check=False)
-    assert "method.trim_scope must be one of tensor, model, got 'foo'" in _one_error_line(proc)
+    # The CLI checks every hyperparameter before any tensor is read (methods/spec.py), with spec's wording.
+    assert "method.trim_scope: ties takes one of tensor, model, got 'foo'" in _one_error_line(proc)
     proc = run_cli(*common, f"hydra.run.dir={tmp_path / 'b'}", "method=dare_ties", "method.density=1.5", check=False)
-    assert "method.density must be in (0, 1], got 1.5" in _one_error_line(proc)
+    assert "method.density: dare_ties needs a value in (0, 1], got 1.5" in _one_error_line(proc)
     proc = run_cli(*common, f"hydra.run.dir={tmp_path / 'c'}", "method=dare_ties", "method.drop_rate=1", check=False)
-    assert "method.drop_rate must be in [0, 1), got 1.0" in _one_error_line(proc)
+    assert "method.drop_rate: dare_ties needs a value in [0, 1), got 1" in _one_error_line(proc)
     # The InternVL fixture is a full fine-tune: the preset trims over the model, and the report says so.
     run_cli(*common, f"hydra.run.dir={tmp_path / 'd'}", "method=ties")
     report = json.loads((tmp_path / "d" / "merge_report.json").read_text())
