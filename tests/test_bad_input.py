@@ -443,7 +443,7 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(tiny_conf, tmp_path):
         (["method=ties", "method.density=1.5"], "error: method.density: ties needs a value in (0, 1], got 1.5"),
         (["method=ties", "method.foo=1"],
          "error: Could not override 'method.foo': method.foo: Key 'foo' not in 'TiesConfig'"),
-        (["method=nope"], "error: In 'config': Could not find 'method/nope' (available: base, base_schema, "),
+        (["method=nope"], "error: In 'config': Could not find 'method/nope' (available: base, dare_ta, dare_ties, expert, "),
         (["save_merged=maybe"],
          "error: Error merging override save_merged=maybe: save_merged: Value 'maybe' is not a valid bool (type str)"),
         ([f"runs_dir={file}"], f"error: runs_dir: {file} is a file, expected a directory"),

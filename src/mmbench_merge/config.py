@@ -231,17 +231,18 @@ METHOD_SCHEMAS: Dict[str, type] = {
 
 
 def register_configs() -> None:
-    """Register every schema; conf/*.yaml refer to them as `<group>/<name>_schema` in their defaults."""
+    """Register every schema at the top level (so `--help` lists only real choices of each group); a group's YAML
+    names its schema as `defaults: [/<group>_schema@_here_]` (methods: `/method_<name>_schema@_here_`)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="suite", name="suite_schema", node=SuiteConfig)
-    cs.store(group="evaluator", name="evaluator_schema", node=EvaluatorConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(name="model_schema", node=ModelConfig)
+    cs.store(name="suite_schema", node=SuiteConfig)
+    cs.store(name="evaluator_schema", node=EvaluatorConfig)
+    cs.store(name="logger_schema", node=LoggerConfig)
     for name, schema in METHOD_SCHEMAS.items():
-        cs.store(group="method", name=f"{name}_schema", node=schema)
+        cs.store(name=f"method_{name}_schema", node=schema)
     register_resolvers()
 
 

@@ -143,7 +143,7 @@ def write_model_yaml(conf_dir: Path, name: str, arch: str, family_paths: dict, f
                      experts: tuple[str, ...] = TASKS, files_from: str = "base", extra: dict | None = None) -> Path:
     """A model config (same schema as conf/model/*.yaml) for a fixture family; pass its dir with --config-dir."""
     include, exclude = INTERNVL_CHAT_SELECTION if arch == "internvl_chat" else SELECTION[arch]
-    lines = ["defaults: [model_schema]", f"name: {name}", f"family: {FAMILY_OF_ARCH.get(arch, arch)}",
+    lines = ["defaults: [/model_schema@_here_]", f"name: {name}", f"family: {FAMILY_OF_ARCH.get(arch, arch)}",
              f"finetune: {finetune}", f"base: {family_paths['base']}", "experts:"]  # fmt: skip
     lines += [f"  {task}: {family_paths['experts'][task]}" for task in experts]
     lines += ["merge:", f"  include: {json.dumps(include)}", f"  exclude: {json.dumps(exclude)}",

@@ -234,12 +234,12 @@ def write_yamls(conf_dir: Path, paths: dict, name: str = "tiny_omni", merge_spac
     """conf/model/<name>.yaml and conf/suite/tiny_modality.yaml for `run.py --config-dir conf_dir`."""
     import yaml
 
-    model = {"defaults": ["model_schema"], "name": name, "family": "omni", "finetune": "modality",
+    model = {"defaults": ["/model_schema@_here_"], "name": name, "family": "omni", "finetune": "modality",
              "base": paths["base"], "experts": paths["experts"], "encoders": paths["encoders"],
              "merge_space": merge_space, "dtype": "float32"}  # fmt: skip
     (conf_dir / "model").mkdir(parents=True, exist_ok=True)
     (conf_dir / "model" / f"{name}.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
-    suite = {"defaults": ["suite_schema"], "name": "tiny_modality", "packaged": "modality",
+    suite = {"defaults": ["/suite_schema@_here_"], "name": "tiny_modality", "packaged": "modality",
              "data_dir": paths["data"],
              "tasks": [{"name": "modality_music_avqa", "category": "AV-QA", "metric": "exact_match",
                         "label": "MUSIC-AVQA"},
