@@ -317,7 +317,8 @@ class ShardedWriter:
             f = self._open[i] = open(self._files[i], "wb")
             f.write(_header_bytes(self._shards[i]))
         data = tensor.detach().contiguous().cpu().reshape(-1)
-        f.write(data.view(_uint8()).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            f.write(memoryview(data.view(_uint8()).numpy()))  # the tensor's own bytes: no copy
         self._written[i].append(name)
         if len(self._written[i]) == len(self._shards[i]):
             f.close()
