@@ -1,0 +1,84 @@
+"""The fast paths give the slow paths' results: the TIES threshold, the finiteness probe, the read-ahead."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from mmbench_merge import MergeError
+from mmbench_merge.engine import merge_model
+from mmbench_merge.methods.ties import _kth_largest, _radix_kth_largest
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    yield torch.randn(10_007, generator=g)
+    yield torch.randn(4096, generator=g).abs()
+    yield torch.randn(3000, generator=g).bfloat16().float()  # many ties
+    yield torch.randint(-3, 4, (2000,), generator=g).float()  # mostly ties, zeros included
+    yield torch.full((64,), 0.5)
+    yield torch.tensor([float("inf"), 1.0, -float("inf"), 0.0, 3.0])
+    yield torch.tensor([2.5])
+    x = torch.randn(5000, generator=g)
+    x[::7] = float("nan")
+    yield x.abs()  # NaN counts as the largest, as in kthvalue
+    yield (torch.rand(65_536, generator=g) * 1e-30)  # denormals and tiny exponents
+
+
+@pytest.mark.parametrize("select", [_kth_largest, _radix_kth_largest], ids=["cpu", "radix"])
+def test_kth_largest_is_kthvalues_value_bit_for_bit(select):
+    for values in _inputs():
+        n = values.numel()
+        for k in sorted({1, 2, n // 5, n // 2, n - 1, n}):
+            if not 1 <= k <= n:
+                continue
+            expected = values.kthvalue(n - k + 1).values
+            got = select(values, k)
+            assert got.dtype == values.dtype and got.shape == expected.shape
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)) or (
+                got.isnan() and expected.isnan()
+            ), (n, k, got, expected)
+
+
+def _family(root, nan_in=None):
+    g = torch.Generator().manual_seed(1)
+    shapes = {f"l{i}.weight": (40 + 8 * i, 24) for i in range(4)}
+    base = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
+    (root / "base").mkdir(parents=True)
+    save_file(base, str(root / "base" / "model.safetensors"))
+    for i, key in enumerate(["vqa", "ocr", "chart"]):
+        expert = {n: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) for n, v in base.items()}
+        if key == nan_in:
+            expert["l2.weight"][3, 4] = float("nan")
+        (root / key).mkdir()
+        save_file(expert, str(root / key / "model.safetensors"))
+    return OmegaConf.create({
+        "name": "toy", "family": "qwen2_vl", "finetune": "full", "base": str(root / "base"),
+        "experts": {k: str(root / k) for k in ("vqa", "ocr", "chart")}, "merge": {"include": [], "exclude": []},
+        "files_from": "base", "revision": None,
+    })  # fmt: skip
+
+
+def test_one_probe_still_names_the_expert_with_nan(tmp_path):
+    model = _family(tmp_path, nan_in="ocr")
+    with pytest.raises(MergeError, match=r"ocr: tensor l2.weight has NaN or Inf values \(expert ocr\)"):
+        merge_model(model, {"name": "ties", "density": 0.5}, device="cpu", keep_in_memory=True)
+    with pytest.raises(MergeError, match=r"merged tensor l0.weight has NaN or Inf values"):
+        merge_model(_family(tmp_path / "b"), {"name": "task_arithmetic", "scaling": 1e39}, device="cpu",
+                    keep_in_memory=True)  # fmt: skip
+
+
+def test_read_ahead_and_the_written_checkpoint_equal_the_plain_loop(tmp_path, monkeypatch):
+    from mmbench_merge import engine
+    from mmbench_merge.checkpoints import SafetensorsCheckpoint
+
+    model = _family(tmp_path)
+    method = {"name": "ties", "density": 0.3, "scaling": 0.8}
+    ahead = merge_model(model, method, device="cpu", keep_in_memory=True, out_dir=tmp_path / "out").state_dict
+    real = engine.merge_tensors
+    monkeypatch.setattr(engine, "merge_tensors", lambda *a, **kw: real(*a, **{**kw, "read_ahead": False}))
+    plain = merge_model(model, method, device="cpu", keep_in_memory=True).state_dict
+    written = SafetensorsCheckpoint(tmp_path / "out")
+    for name, tensor in plain.items():
+        assert torch.equal(ahead[name].view(torch.int16), tensor.view(torch.int16))
+        assert torch.equal(written.get(name).view(torch.int16), tensor.view(torch.int16))
