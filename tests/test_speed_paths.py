@@ -82,3 +82,42 @@ def test_read_ahead_and_the_written_checkpoint_equal_the_plain_loop(tmp_path, mo
     for name, tensor in plain.items():
         assert torch.equal(ahead[name].view(torch.int16), tensor.view(torch.int16))
         assert torch.equal(written.get(name).view(torch.int16), tensor.view(torch.int16))
+
+
+@pytest.mark.parametrize("keep_gram", [True, False], ids=["gram", "factors"])
+def test_optmerge_eigen_solver_gives_the_sgd_loops_iterates(keep_gram):
+    from mmbench_merge.methods.optimize import QuadraticLoss, minimise, minimise_eigen
+
+    g = torch.Generator().manual_seed(3)
+    m, n, k = 30, 20, 4
+    start = torch.randn(m, n, generator=g, dtype=torch.float64)
+    loss = QuadraticLoss(start, rows=3 * k, n_terms=3)
+    if not keep_gram:
+        loss.gram = None  # A as its factors: eigenvectors from the R x R matrix (R = 12 < n)
+    for i in range(3):
+        loss.add(torch.randn(m, n, generator=g, dtype=torch.float64),
+                 torch.randn(k, n, generator=g, dtype=torch.float64), weight=0.5 + i)  # fmt: skip
+    lam = max(float(torch.linalg.matrix_norm(q, 2) ** 2) * w for w, q in loss.factors) if loss.factors else float(
+        torch.linalg.eigvalsh(loss.gram).max())  # fmt: skip
+    lr = 0.02 / (3 * lam)
+    loop = minimise(loss, optimizer="sgd", lr=lr, momentum=0.9, iters=300)
+    eigen = minimise_eigen(loss, lr=lr, momentum=0.9, iters=300)
+    moved = float(torch.linalg.vector_norm(loop - start))
+    assert moved > 1e-3  # the iterates went somewhere
+    assert float(torch.linalg.vector_norm(eigen - loop)) <= 1e-6 * moved
+
+
+def test_optmerge_lora_preset_eigen_equals_its_loop_in_float32():
+    from mmbench_merge.methods import PRESETS
+    from mmbench_merge.methods.optimize import optmerge
+
+    g = torch.Generator().manual_seed(4)
+    taus = [0.01 * torch.randn(48, 64, generator=g) for _ in range(4)]
+    preset = {k: v for k, v in PRESETS["optmerge"]["lora"].items() if k not in ("scaling", "solver")}
+    assert PRESETS["optmerge"]["lora"]["solver"] == "eigen"
+    loop = optmerge(taus, **preset, solver="loop")
+    eigen = optmerge(taus, **preset, solver="eigen")
+    assert not torch.equal(loop, optmerge(taus, **{**preset, "iters": 0}))
+    torch.testing.assert_close(eigen, loop, rtol=2e-4, atol=1e-7)
+    with pytest.raises(MergeError, match="solver=eigen of optmerge needs optimizer=sgd"):
+        optmerge(taus, optimizer="adam", solver="eigen")

@@ -118,6 +118,7 @@ class OptMergeConfig(MethodConfig):
     lr: Optional[float] = None  # full 1e-5, lora 1e-4
     momentum: Optional[float] = None  # sgd only: lora 0.9
     iters: int = 300
+    solver: Optional[str] = None  # loop | eigen (sgd only: closed form in H's eigenbasis); full loop, lora eigen
 
 
 @dataclass

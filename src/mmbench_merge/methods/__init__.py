@@ -49,7 +49,7 @@ def get_method(name: str) -> Callable:
 # them null. OptMerge's two variants are the paper's: full fine-tuning (InternVL2.5-1B) and LoRA (Qwen2-VL-7B).
 PRESETS: dict[str, dict[str, dict]] = {
     "optmerge": {
-        "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1},
+        "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1, "solver": "loop"},
         "lora": {
             "center": False,
             "init": "mean",
@@ -57,6 +57,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             "momentum": 0.9,
             "lr": 1e-4,
             "scaling": 1.0,
+            "solver": "eigen",  # the SGD iterates in closed form (optimize.minimise_eigen)
         },
     },
 }
