@@ -121,3 +121,15 @@ def test_optmerge_lora_preset_eigen_equals_its_loop_in_float32():
     torch.testing.assert_close(eigen, loop, rtol=2e-4, atol=1e-7)
     with pytest.raises(MergeError, match="solver=eigen of optmerge needs optimizer=sgd"):
         optmerge(taus, optimizer="adam", solver="eigen")
+
+
+def test_wide_svd_goes_through_the_transpose_and_is_a_thin_svd():
+    from mmbench_merge.methods._matrix import svd
+
+    x = torch.randn(12, 40, generator=torch.Generator().manual_seed(5))
+    u, s, vh = svd(x)
+    assert (u.shape, s.shape, vh.shape) == ((12, 12), (12,), (12, 40))
+    torch.testing.assert_close((u * s) @ vh, x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(u.T @ u, torch.eye(12), rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(12), rtol=0, atol=1e-5)
+    torch.testing.assert_close(s, torch.linalg.svdvals(x), rtol=1e-5, atol=0)
