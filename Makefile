@@ -85,6 +85,11 @@ leaderboard: install
 clean:
 	rm -rf .cache runs .pytest_cache
 
+# Empty the merge cache ($$MMBENCH_CACHE, else runs/merge_cache; entries in use by a running job are kept).
+.PHONY: clean-cache
+clean-cache:
+	PYTHONPATH=src $(PYTHON) -m mmbench_merge.merge_cache clear
+
 # Rebuild the shipped MiniBench (tiny trained models + datasets) in prebuilt/minibench/: ~80 min on 2 cores.
 .PHONY: minibench
 minibench: install

@@ -179,6 +179,7 @@ def test_preset_values_are_reported_as_used(tiny_conf, tmp_path):
     proc = _merge(tiny_conf, out, "model=tiny_internvl", "method=optmerge", "method.iters=3")
     report = json.loads((out / "merge_report.json").read_text())
     assert report["scaling"] == 0.1  # the full fine-tuning preset
-    assert report["params"] == {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "iters": 3}
+    assert report["params"] == {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "iters": 3,
+                                "solver": "loop"}
     summary = [line for line in proc.stdout.splitlines() if line.startswith("== tiny_internvl / optmerge")]
     assert summary and "scaling=0.1" in summary[0] and "center=True" in summary[0] and "None" not in summary[0]

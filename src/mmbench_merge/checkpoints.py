@@ -351,7 +351,8 @@ class ShardedWriter:
             if f is None:
                 f = self._open[i] = open(self._files[i], "wb")
                 f.write(_header_bytes(self._shards[i]))
-            f.write(data.view(_uint8()).numpy().tobytes() if data.numel() else b"")
+            if data.numel():
+                f.write(memoryview(data.view(_uint8()).numpy()))  # the tensor's own bytes: no copy
             self._written[i].append(name)
             if len(self._written[i]) == len(self._shards[i]):
                 del self._open[i]

@@ -130,6 +130,7 @@ class OptMergeConfig(MethodConfig):
     momentum: Optional[float] = None  # sgd only: lora 0.9
     iters: int = 300
     projector: Optional[str] = None  # low_rank (Sigma_K V_K^T) | full (tau_i); modality preset: full
+    solver: Optional[str] = None  # loop | eigen (sgd only: closed form in H's eigenbasis); full loop, lora eigen
 
 
 @dataclass
@@ -198,6 +199,16 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
 
 
+# --------------------------------------------------------------------------------------------- merge cache
+@dataclass
+class MergeCacheConfig:
+    """tau_m stored once per merge identity (everything but scaling): see merge_cache.py."""
+
+    enabled: bool = True
+    dir: Optional[str] = None  # null = $MMBENCH_CACHE, else <runs_dir>/merge_cache
+    max_size_gb: float = 50.0  # least recently used entries are evicted past this size
+
+
 # --------------------------------------------------------------------------------------------- top level
 @dataclass
 class RunConfig:
@@ -212,6 +223,7 @@ class RunConfig:
     rerun: bool = False  # run again even if complete results for the same resolved config exist under runs_dir
     runs_dir: str = "runs"  # where runs are written and where completed runs are looked up (skip-on-rerun)
     shard_size_mb: float = 2000.0  # merged checkpoints are written in shards of at most this many MB
+    merge_cache: MergeCacheConfig = field(default_factory=MergeCacheConfig)
 
 
 METHOD_SCHEMAS: Dict[str, type] = {

@@ -8,6 +8,7 @@ that the include/exclude patterns do not select are emitted bit-identical from t
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import zlib
@@ -21,6 +22,8 @@ from .families import Family, attribute_names
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("mmbench_merge")
 
 
 # ------------------------------------------------------------------------------------------ selection
@@ -63,12 +66,18 @@ class Expert:
     def kind(self) -> str:
         return "lora_adapter" if self.adapter else "full"
 
-    def task_vector(self, name: str, base_value: "torch.Tensor", device) -> "torch.Tensor":
+    def task_vector(self, name: str, base_value: "torch.Tensor", device, out: "torch.Tensor | None" = None,
+                    raw: "torch.Tensor | None" = None) -> "torch.Tensor":  # fmt: skip
+        """theta_i - theta_0 in float32 on `device`, into `out` when given (`raw`: this expert's tensor, read ahead)."""
         if self.adapter is not None:
             delta = self.adapter.delta(name, device)
-            return delta if delta is not None else torch_zeros_like(base_value)
-        # In place: one float32 buffer per expert, no extra temporary.
-        return self.weights.get(name).to(device=device, dtype=base_value.dtype).sub_(base_value)
+            if out is None:
+                return delta if delta is not None else torch_zeros_like(base_value)
+            return out.zero_() if delta is None else out.copy_(delta)
+        value = raw if raw is not None else self.weights.get(name)
+        if out is None:  # in place: one float32 buffer per expert, no extra temporary
+            return value.to(device=device, dtype=base_value.dtype).sub_(base_value)
+        return out.copy_(value).sub_(base_value)
 
 
 def torch_zeros_like(t):
@@ -116,8 +125,9 @@ class MergeReport:
     experts: dict[str, str]  # key -> "full" | "lora_adapter"
     tensors: list[TensorRecord] = field(default_factory=list)
     seconds: float = 0.0
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # the process's peak (kernel VmHWM) at the end of the merge; else sampled per tensor
     prepass: dict | None = None  # what a method's first pass over the model found (e.g. TIES' global thresholds)
+    cache: dict | None = None  # merge cache: key, dir, status (hit | stored | off); None without a cache
 
     def to_json(self) -> dict:
         merged = [t for t in self.tensors if t.merged]
@@ -138,6 +148,7 @@ class MergeReport:
                 "peak_rss_bytes": self.peak_rss_bytes,
                 "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
             },
+            "cache": self.cache,
             "tensors": [
                 {"name": t.name, "merged": t.merged, "seconds": round(t.seconds, 5), "shape": list(t.shape),
                  "dtype": t.dtype}
@@ -171,46 +182,141 @@ def merge_tensors(
     device: str = "cpu",
     report: MergeReport | None = None,
     progress: bool = False,
+    cached: SafetensorsCheckpoint | None = None,
+    sink=None,
+    read_ahead: bool = True,
 ) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """Yield (name, merged tensor in the base dtype) for every base tensor, in order."""
+    """Yield (name, merged tensor in the base dtype) for every base tensor, in order.
+
+    `cached`: tau_m of every merged tensor (a merge cache hit): no expert is read, no method runs. `sink`: a
+    writer that receives tau_m (float32) of every merged tensor (filling the merge cache). `read_ahead`: the
+    next tensor's inputs are read by a background thread while this one is computed (one tensor ahead, so
+    memory stays bounded).
+    """
     import torch
 
     from .checkpoints import torch_dtype
 
-    method_kwargs = run_prepass(base, experts, method_fn, method_kwargs, selection, seed=seed, device=device,
-                                report=report)  # fmt: skip
+    if cached is None:  # a merge-cache hit already holds tau_m: no pre-pass over the experts
+        method_kwargs = run_prepass(base, experts, method_fn, method_kwargs, selection, seed=seed, device=device,
+                                    report=report)  # fmt: skip
     names = base.keys()
     iterator = names
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(names, desc="merging tensors", unit="tensor", mininterval=1.0)
-    for name in iterator:
-        started = time.perf_counter()
+    full_experts = [e for e in experts if e.weights is not None]
+
+    def read(name: str):
+        """The raw tensors one step needs: the base's, and each full expert's when this tensor is merged."""
         base_value = base.get(name)
-        if base_value.is_floating_point() and not torch.isfinite(base_value).all():
+        # NaN / Inf in any base tensor, kept ones too: one sum probes it, the exact check only when it fails.
+        if base_value.is_floating_point() and not torch.isfinite(base_value.sum()) \
+                and not torch.isfinite(base_value).all():
             raise MergeError(f"{base.file_of(name)}: tensor {name} of the base has NaN or Inf values")
-        merge_this = selection.selects(name) and base_value.is_floating_point()
-        if not merge_this:
-            yield name, base_value
-            _record(report, name, False, started, base)
-            continue
-        theta0 = base_value.to(device=device, dtype=torch.float32)
-        task_vectors = [expert.task_vector(name, theta0, device) for expert in experts]
-        for expert, tau in zip(experts, task_vectors):
+        if not (selection.selects(name) and base_value.is_floating_point()):
+            return base_value, None
+        if cached is not None:
+            return base_value, cached.get(name)
+        return base_value, {e.key: e.weights.get(name) for e in full_experts}
+
+    reader = None
+    if read_ahead and len(names) > 1:
+        # Memory bound: a step works on about (experts + 2) float32 copies of its tensor; the next step's raw
+        # inputs are read ahead only while both together fit in that much of the largest tensor.
+        copies = len(experts) + 2
+        numel = {name: _numel(base.shape(name)) for name in names}
+        bound = copies * 4 * max(numel.values())
+
+        def fits(current: str, following: str) -> bool:
+            raw = base.nbytes(following) * (1 + (len(full_experts) if cached is None else 2))
+            return copies * 4 * numel[current] + raw <= bound
+
+        reader = _ReadAhead(read, names, fits)
+    try:
+        for name in iterator:
+            started = time.perf_counter()
+            base_value, extra = reader.next(name) if reader is not None else read(name)
+            if extra is None:
+                yield name, base_value
+                _record(report, name, False, started, base)
+                continue
+            theta0 = base_value.to(device=device, dtype=torch.float32)
+            del base_value
+            if cached is not None:
+                tau_m = extra.to(device=device)
+            else:
+                tau_m = _merge_one(name, theta0, experts, extra, method_fn, method_kwargs, seed, device)
+            if sink is not None:
+                sink.write(name, tau_m if tau_m.device.type == "cpu" else tau_m.cpu())
+            # theta_0 + scaling * tau_m, the same two roundings as the out-of-place form, without temporaries
+            merged = theta0.add_(tau_m.mul_(scaling))
+            # One probe: a sum is NaN / Inf iff an entry is (or, rarely, finite entries overflow it: then exact).
+            if not torch.isfinite(merged.sum()) and not torch.isfinite(merged).all():
+                raise MergeError(f"merged tensor {name} has NaN or Inf values (method output or scaling overflow)")
+            out = merged.to(dtype=torch_dtype(base.dtype(name)))
+            out = out if out.device.type == "cpu" else out.cpu()
+            del tau_m, merged, theta0, extra
+            yield name, out
+            _record(report, name, True, started, base)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _merge_one(name, theta0, experts, raw, method_fn, method_kwargs, seed, device):
+    """tau_m of one tensor: the task vectors in one float32 stack, one finiteness probe over all, the method."""
+    import torch
+
+    stack = torch.empty((len(experts), *theta0.shape), dtype=torch.float32, device=device)
+    for slot, expert in zip(stack, experts):
+        expert.task_vector(name, theta0, device, out=slot, raw=raw.pop(expert.key, None))  # pop: freed when used
+    if not torch.isfinite(stack.sum()):  # one reduction for all experts; name the culprit only on failure
+        for expert, tau in zip(experts, stack):
             if not torch.isfinite(tau).all():
                 raise MergeError(f"{expert.path}: tensor {name} has NaN or Inf values (expert {expert.key})")
-        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
-        tau_m = method_fn(task_vectors, generator=generator, **method_kwargs)
-        if tau_m.shape != theta0.shape:
-            raise MergeError(f"method returned shape {list(tau_m.shape)} for tensor {name} of shape {list(theta0.shape)}")
-        merged = theta0 + scaling * tau_m
-        if not torch.isfinite(merged).all():
-            raise MergeError(f"merged tensor {name} has NaN or Inf values (method output or scaling overflow)")
-        out = merged.to(dtype=torch_dtype(base.dtype(name))).cpu()
-        del task_vectors, tau_m, merged, theta0
-        yield name, out
-        _record(report, name, True, started, base)
+    task_vectors = list(stack.unbind(0))
+    del stack
+    generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
+    tau_m = method_fn(task_vectors, generator=generator, **method_kwargs)
+    if tau_m.shape != theta0.shape:
+        raise MergeError(f"method returned shape {list(tau_m.shape)} for tensor {name} of shape {list(theta0.shape)}")
+    return tau_m
+
+
+class _ReadAhead:
+    """Reads the inputs of the next tensor in a background thread (file reads release the GIL).
+
+    At most one step is read ahead of the one being computed, so memory grows by one step's raw inputs
+    (base + experts in their stored dtype), not with the model.
+    """
+
+    def __init__(self, read: Callable, names: list[str], fits: Callable[[str, str], bool]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._read = read
+        self._names = list(names)
+        self._fits = fits
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmbench-read-ahead")
+        self._position = 0
+        self._pending = None
+
+    def next(self, name: str):
+        assert self._names[self._position] == name
+        result = self._pending.result() if self._pending is not None else self._read(name)
+        self._position += 1
+        self._pending = None
+        if self._position < len(self._names):
+            following = self._names[self._position]
+            if self._fits(name, following):
+                self._pending = self._pool.submit(self._read, following)
+        return result
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def run_prepass(base, experts, method_fn, method_kwargs: dict, selection: Selection, *, seed: int, device: str,
@@ -268,6 +374,21 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _peak_rss_bytes() -> int:
+    """The kernel's high-water mark of this process's resident set (VmHWM), 0 where /proc has none.
+
+    Peaks inside a tensor's step count too, which the RSS read between tensors misses.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def resolve_device(device: str) -> str:
     """auto -> cuda when there is a GPU, else cpu; validates cpu | cuda | cuda:N."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
@@ -283,9 +404,7 @@ def resolve_device(device: str) -> str:
 
 def open_model(model_cfg, family: Family) -> tuple[SafetensorsCheckpoint, dict[str, Path], list[Expert]]:
     """Resolve and open the base and every expert of a model config."""
-    base_path = resolve(model_cfg.base, model_cfg.revision)
-    base = SafetensorsCheckpoint(base_path)
-    paths = {key: resolve(src, model_cfg.revision) for key, src in used_experts(model_cfg).items()}
+    base, paths = open_paths(model_cfg)
     experts = [Expert(key, path, base, family) for key, path in paths.items()]
     return base, paths, experts
 
@@ -308,10 +427,18 @@ def merge_model(
     keep_in_memory: bool = False,
     shard_size_mb: float = 2000.0,
     progress: bool = False,
+    cache=None,
+    runs_dir: str | None = None,
 ) -> MergeResult:
-    """Merge the experts of `model_cfg` with `method_cfg`; write to `out_dir` and/or keep the weights in memory."""
-    from .checkpoints import ShardedWriter, iter_layout
+    """Merge the experts of `model_cfg` with `method_cfg`; write to `out_dir` and/or keep the weights in memory.
+
+    `cache`: the `merge_cache` config (enabled, dir, max_size_gb; None = no cache; dir null = $MMBENCH_CACHE,
+    else <runs_dir>/merge_cache). With it, tau_m is read from the merge cache when the same merge (everything
+    but the scaling) was done before, without reading any expert, and stored there otherwise (merge_cache.py).
+    """
+
     from .families import get_family
+    from .merge_cache import CacheSettings, MergeCache, cache_key
     from .methods import resolve_method
     from .methods.spec import check_method
 
@@ -320,10 +447,49 @@ def merge_model(
     check_method(method_cfg, len(used_experts(model_cfg)))  # ranges and expert count, before any tensor is read
     fn, kwargs, scaling = resolve_method(method_cfg, model_cfg.finetune)
     selection = Selection(tuple(model_cfg.merge.include), tuple(model_cfg.merge.exclude))
-    base, expert_paths, experts = open_model(model_cfg, family)
-    files_from = files_source(model_cfg, base.path, expert_paths)
+    settings = cache if isinstance(cache, CacheSettings) else CacheSettings.from_config(cache, runs_dir)
+    if settings is None:
+        base, expert_paths, experts = open_model(model_cfg, family)
+        return _merge(model_cfg, method_cfg["name"], base, expert_paths, experts, fn, kwargs, scaling, selection,
+                      seed, device, out_dir, keep_in_memory, shard_size_mb, progress, None)  # fmt: skip
 
-    report = MergeReport(method_cfg["name"], scaling, kwargs, device, {e.key: e.kind for e in experts})
+    base, expert_paths = open_paths(model_cfg)
+    key, description = cache_key(base.path, expert_paths, method_cfg["name"], kwargs, selection.include,
+                                 selection.exclude, seed, device)  # fmt: skip
+    store = MergeCache.from_settings(settings)
+    with store.entry(key) as entry:
+        if entry.hit:
+            log.info("merge cache: hit %s (%s): tau_m read from the cache, no expert read", key[:12], store.root)
+            experts = []
+        else:
+            experts = [Expert(k, path, base, family) for k, path in expert_paths.items()]
+        result = _merge(model_cfg, method_cfg["name"], base, expert_paths, experts, fn, kwargs, scaling, selection,
+                        seed, device, out_dir, keep_in_memory, shard_size_mb, progress, entry)  # fmt: skip
+        if not entry.hit and entry.writer is not None:
+            entry.commit({**description, "experts": list(expert_paths), "base": str(base.path),
+                          "expert_kinds": result.report.experts})  # fmt: skip
+        result.report.cache = {"key": key, "dir": str(store.root),
+                               "status": "hit" if entry.hit else ("stored" if entry.stored else "not stored")}
+    return result
+
+
+def _merge(model_cfg, method, base, expert_paths, experts, fn, kwargs, scaling, selection, seed, device, out_dir,
+           keep_in_memory, shard_size_mb, progress, entry) -> MergeResult:  # fmt: skip
+    """One merge pass over the base's tensors: computed (filling `entry` of the merge cache) or from a hit."""
+    from .checkpoints import ShardedWriter, iter_layout
+
+    files_from = files_source(model_cfg, base.path, expert_paths)
+    kinds = entry.meta.get("expert_kinds", {}) if entry is not None and entry.hit else {e.key: e.kind for e in experts}
+    report = MergeReport(method, scaling, kwargs, device, kinds)
+    cached = entry.reader() if entry is not None and entry.hit else None
+    sink = None
+    if entry is not None and not entry.hit:
+        layout = [(name, base.shape(name)) for name in base.keys()
+                  if selection.selects(name) and is_floating(base.dtype(name))]  # fmt: skip
+        if 4 * sum(_numel(shape) for _, shape in layout) <= entry.cache.max_bytes:
+            sink = entry.start_writing(layout)
+        else:
+            log.info("merge cache: tau_m of this merge is larger than merge_cache.max_size_gb; not stored")
     writer, check = None, None
     if out_dir:
         if writes_native(model_cfg):
@@ -337,7 +503,7 @@ def merge_model(
     started = time.perf_counter()
     try:
         stream = merge_tensors(base, experts, fn, kwargs, scaling, selection, seed=seed, device=device,
-                               report=report, progress=progress)  # fmt: skip
+                               report=report, progress=progress, cached=cached, sink=sink)  # fmt: skip
         for name, tensor in stream:
             if writer is not None:
                 writer.write(name, tensor)
@@ -354,6 +520,7 @@ def merge_model(
             writer.abort()
         raise
     report.seconds = time.perf_counter() - started
+    report.peak_rss_bytes = max(report.peak_rss_bytes, _peak_rss_bytes())
     return MergeResult(report, merged_dir, state_dict)
 
 
@@ -400,6 +567,17 @@ def drop_stale_chat_template(merged_dir: Path, files_from: Path) -> None:
     for name in CHAT_TEMPLATE_FILES:
         if not (Path(files_from) / name).is_file():
             (Path(merged_dir) / name).unlink(missing_ok=True)
+
+
+def open_paths(model_cfg) -> tuple[SafetensorsCheckpoint, dict[str, Path]]:
+    """The base (its header read) and the experts' resolved directories, without opening any expert."""
+    base = SafetensorsCheckpoint(resolve(model_cfg.base, model_cfg.revision))
+    return base, {key: resolve(src, model_cfg.revision) for key, src in used_experts(model_cfg).items()}
+
+
+def is_floating(st_dtype: str) -> bool:
+    """What torch's is_floating_point says of a tensor of this safetensors dtype (the engine merges only those)."""
+    return st_dtype in {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def files_source(model_cfg, base_path: Path, expert_paths: dict[str, Path]) -> Path:

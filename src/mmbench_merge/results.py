@@ -80,7 +80,7 @@ def git_commit() -> str | None:
 RUN_FILE = "run.json"
 
 # Keys that cannot change a run's results: left out of the fingerprint that decides skip-on-rerun.
-VOLATILE_KEYS = ("rerun", "device", "logger", "shard_size_mb", "runs_dir", "hydra")
+VOLATILE_KEYS = ("rerun", "device", "logger", "shard_size_mb", "runs_dir", "hydra", "merge_cache")
 
 # Directories a run writes that never hold other runs: not descended into when looking for completed runs.
 _NOT_RUN_DIRS = {"merged", "wandb", ".hydra", ".submitit", "__pycache__", ".locks"}

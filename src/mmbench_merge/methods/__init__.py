@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"}},
     "dare_ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"}},
     "optmerge": {
-        "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1},
+        "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1, "solver": "loop"},
         "lora": {
             "center": False,
             "init": "mean",
@@ -62,6 +62,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             "momentum": 0.9,
             "lr": 1e-4,
             "scaling": 1.0,
+            "solver": "eigen",  # the SGD iterates in closed form (optimize.minimise_eigen)
         },
         # Modality merging (Table 5): the factors of the Vicuna LoRAs, merged as in the paper's `merge-wudi2`:
         # the target is the rank floor(min/5) truncation, the projector the full factor; SGD lr 5e-2, lambda 1.
@@ -74,6 +75,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             "rank_fraction": 0.2,
             "projector": "full",
             "scaling": 1.0,
+            "solver": "loop",
         },
     },
 }

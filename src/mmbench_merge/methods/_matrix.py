@@ -57,7 +57,14 @@ def rank_of(fraction: float, shape: torch.Size) -> int:
 
 
 def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in float32; if LAPACK's divide-and-conquer fails to converge, again in float64."""
+    """Thin SVD in float32; if LAPACK's divide-and-conquer fails to converge, again in float64.
+
+    A wide matrix goes through its transpose (x^T = V S U^T): LAPACK is several times slower on the wide
+    orientation of the same matrix (896 x 4864: 3.4x, bench/methods_speed.py).
+    """
+    if x.shape[-2] < x.shape[-1]:
+        v, s, uh = svd(x.mT)
+        return uh.mT, s, v.mT
     try:
         return torch.linalg.svd(x, full_matrices=False)
     except torch.linalg.LinAlgError:

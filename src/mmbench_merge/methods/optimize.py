@@ -40,7 +40,9 @@ class QuadraticLoss:
         m, n = start.shape
         self.start = start
         self.g0 = torch.zeros_like(start)
-        use_gram = n <= 2 * rows and n <= n_terms * m
+        # The Gram matrix where a step is cheaper with it and it takes at most twice the task vectors' memory
+        # (n^2 <= 2 T m n): down_proj's n x n Gram (4864^2) now qualifies; 1.7x faster a step than the factors.
+        use_gram = n <= 2 * rows and n <= 2 * n_terms * m
         self.gram = start.new_zeros(n, n) if use_gram else None
         self.factors: list[tuple[float, torch.Tensor]] = []
 
@@ -77,6 +79,54 @@ def minimise(loss: QuadraticLoss, *, optimizer: str, lr: float, momentum: float,
             opt.step()
     tau.grad = None
     return tau
+
+
+SOLVERS = ("loop", "eigen")
+
+
+def sgd_gains(evals: torch.Tensor, *, lr: float, momentum: float, iters: int) -> torch.Tensor:
+    """c_T(lambda) per eigenvalue: `iters` steps of torch's SGD with momentum from x = 0 on the scalar problem
+    with gradient 2 (h + lambda x) end at x = c_T(lambda) h (the iteration is linear in h with zero start):
+
+        d_{t+1} = momentum d_t + 2 (1 + lambda c_t),    c_{t+1} = c_t - lr d_{t+1},    c_0 = d_0 = 0.
+    """
+    c = torch.zeros_like(evals)
+    d = torch.zeros_like(evals)
+    for _ in range(iters):
+        d = momentum * d + 2.0 * (1.0 + evals * c)
+        c = c - lr * d
+    return c
+
+
+def minimise_eigen(loss: QuadraticLoss, *, lr: float, momentum: float, iters: int) -> torch.Tensor:
+    """What `minimise` gives with SGD (momentum), computed in the eigenbasis of A in float64.
+
+    With x = tau - tau_0 the gradient is 2 (G_0 + x A); in the eigenbasis A = V diag(lambda) V^T every column of
+    x V moves on its own, so the SGD iterates are x_T = (G_0 V) diag(c_T(lambda)) V^T (sgd_gains): two products
+    and one symmetric eigendecomposition instead of `iters` products with A. When A is kept as factors
+    (sum_i w_i Q_i^T Q_i, R rows in all, R < n) the eigenvectors of its range come from the R x R matrix
+    B B^T (B = stacked sqrt(w_i) Q_i); the rest of the space has lambda = 0: x_T = c_T(0) G_0 +
+    (G_0 V_r) diag(c_T(lambda) - c_T(0)) V_r^T.
+    """
+    f64 = torch.float64
+    g0 = loss.g0.to(f64)
+    if loss.gram is not None:
+        evals, evecs = torch.linalg.eigh(loss.gram.to(f64))
+    elif loss.factors:
+        stacked = torch.cat([q.to(f64) * weight**0.5 for weight, q in loss.factors])  # (R, n)
+        small, u = torch.linalg.eigh(stacked @ stacked.T)
+        keep = small > small.max().clamp(min=0) * small.numel() * torch.finfo(f64).eps
+        evals = small[keep]
+        evecs = (stacked.T @ u[:, keep]) / evals.sqrt()  # orthonormal columns spanning A's range
+    else:  # every weight 0: A = 0
+        evals = g0.new_zeros(0)
+        evecs = g0.new_zeros(g0.shape[1], 0)
+    evals = evals.clamp(min=0)
+    gains = sgd_gains(torch.cat([evals, evals.new_zeros(1)]), lr=lr, momentum=momentum, iters=iters)
+    gain, null_gain = gains[:-1], gains[-1]
+    x = (g0 @ evecs).mul_(gain - null_gain) @ evecs.T
+    x.add_(g0, alpha=float(null_gain))
+    return (loss.start.to(f64) + x).to(loss.start.dtype)
 
 
 def _inverse_squared_norms(task_vectors: list[torch.Tensor]) -> list[float]:
@@ -135,6 +185,7 @@ def optmerge(
     momentum: float = 0.9,
     iters: int = 300,
     projector: str = "low_rank",
+    solver: str = "loop",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """OptMerge (Wei et al., ICLR 2026): WUDI with low-rank projectors and targets.
@@ -146,6 +197,8 @@ def optmerge(
     the config fills the LoRA preset (center false, init mean, sgd, lr 1e-4, momentum 0.9) from model.finetune.
     `projector`: "low_rank" (P_i = Sigma_K V_K^T) or "full" (P_i = tau_i itself, as the paper's modality
     merge, where only the target is truncated).
+    `solver`: loop (the optimizer's steps) or eigen (SGD only: the same iterates in closed form in the eigenbasis
+    of the loss's Gram matrix, minimise_eigen; the LoRA preset's choice).
     """
     n_tasks = len(task_vectors)
     fraction = check_fraction("optmerge", "rank_fraction", rank_fraction if rank_fraction is not None
@@ -154,6 +207,9 @@ def optmerge(
     check_choice("optmerge", "init", init, INITS)
     _check_steps("optmerge", iters, lr, momentum)
     check_choice("optmerge", "projector", projector, PROJECTORS)
+    check_choice("optmerge", "solver", solver, SOLVERS)
+    if solver == "eigen" and optimizer != "sgd":
+        raise MergeError(f"method.solver=eigen of optmerge needs optimizer=sgd (got {optimizer}); use solver=loop")
     k = rank_of(fraction, task_vectors[0].shape)
     mean = mean_of(task_vectors) if center else None
 
@@ -170,4 +226,6 @@ def optmerge(
             target = (u * s) @ vh
         loss.add(target, q, weight)
         del u, s, vh, target
+    if solver == "eigen":
+        return minimise_eigen(loss, lr=lr, momentum=momentum, iters=iters)
     return minimise(loss, optimizer=optimizer, lr=lr, momentum=momentum, iters=iters)

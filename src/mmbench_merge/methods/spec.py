@@ -84,7 +84,8 @@ SPEC: dict[str, dict[str, Range | tuple[str, ...]]] = {
     "wudi": {"scaling": SCALING, "iters": ITERS, "lr": LR, "optimizer": OPTIMIZERS, "init": INITS,
              "momentum": MOMENTUM},
     "optmerge": {"scaling": SCALING, "rank_fraction": Range(0.0, 1.0, nullable=True), "iters": ITERS, "lr": LR,
-                 "optimizer": OPTIMIZERS + (None,), "init": INITS + (None,), "momentum": MOMENTUM},
+                 "optimizer": OPTIMIZERS + (None,), "init": INITS + (None,), "momentum": MOMENTUM,
+                 "solver": ("loop", "eigen", None), "projector": ("low_rank", "full", None)},
 }  # fmt: skip
 
 MIN_EXPERTS = {"ties": 2, "dare_ties": 2, "tsv": 2, "iso_c": 2, "iso_cts": 2, "wudi": 2, "optmerge": 2}

@@ -27,7 +27,46 @@ def _tensor_threshold(tau: torch.Tensor, density: float):
     rank = int(tau.numel() * (1.0 - density))
     if rank <= 0:
         return 0.0
-    return tau.abs().view(-1).kthvalue(rank).values
+    magnitude = tau.abs().view(-1)
+    return _kth_largest(magnitude, magnitude.numel() - rank + 1)  # = kthvalue(rank), bit for bit
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D float tensor (1 <= k <= numel), exactly: the value of
+    ``values.kthvalue(numel - k + 1)``, bit for bit (NaN counts as the largest, as in kthvalue).
+
+    On the CPU by introselect (numpy's partition: linear time, about a tenth of kthvalue's on a 4864 x 896
+    matrix); elsewhere by a radix select on the float bit patterns (_radix_kth_largest).
+    """
+    n = values.numel()
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        index = n - k
+        return torch.tensor(np.partition(values.detach().numpy(), index)[index], dtype=values.dtype)
+    if values.dtype == torch.float32:
+        return _radix_kth_largest(values, k)
+    return values.kthvalue(n - k + 1).values
+
+
+def _radix_kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """k-th largest of a 1-D float32 tensor by a two-pass radix select on its bit patterns.
+
+    Signed int32 patterns order like the floats for non-negative values; negative floats are mapped with
+    x ^ 0x7FFFFFFF (their order reverses), NaN (positive pattern above inf) counts as the largest. Pass 1
+    histograms the top 16 bits and finds the bucket holding the k-th largest; pass 2 selects that bucket's
+    entries (few) and takes the exact value among them.
+    """
+    bits = values.view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value, as a signed int
+    hi = (key >> 16) + 32768  # 0 .. 65535
+    counts = torch.bincount(hi, minlength=65536)
+    at_or_above = counts.flip(0).cumsum(0)  # [j]: entries in the top j + 1 buckets
+    j = int(torch.searchsorted(at_or_above, torch.tensor([k], device=values.device)).item())
+    bucket = 65535 - j
+    above = int(at_or_above[j - 1].item()) if j > 0 else 0
+    inside = values[hi == bucket]
+    return inside.kthvalue(inside.numel() - (k - above) + 1).values
 
 
 def _ties_merge(trimmed: torch.Tensor, majority_sign: float | None = None) -> torch.Tensor:
