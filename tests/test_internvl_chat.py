@@ -246,13 +246,15 @@ def test_the_shipped_internvl2_5_config_selects_the_papers_tensors():
 
 
 def test_a_failed_evaluation_keeps_the_merge(original, tmp_path):
-    """The backend fails before it takes the merged weights: they are written to merged/ (native), not lost."""
+    """The backend fails before it takes the merged weights: with the merge cache off they are written to
+    merged/ (native), not lost (with the cache on, the cache keeps them: tests/test_resume.py)."""
     from mmbench_merge import MergeError
     from mmbench_merge.checkpoints import SafetensorsCheckpoint
     from mmbench_merge.runner import run as run_once
 
     cfg = compose(original["conf"], "model=tiny_internvl_chat", "suite=minibench", "method=weight_average",
-                  "evaluator.backend=no_such_backend", "logger=none", "device=cpu", f"runs_dir={tmp_path}")  # fmt: skip
+                  "evaluator.backend=no_such_backend", "logger=none", "device=cpu", f"runs_dir={tmp_path}",
+                  "merge_cache.enabled=false")  # fmt: skip
     with pytest.raises(MergeError, match="evaluator.backend: lmms-eval has no usable backend 'no_such_backend'"):
         run_once(cfg, tmp_path / "run")
     merged = tmp_path / "run" / "merged"

@@ -182,3 +182,24 @@ def test_model_use_is_in_the_fingerprint():
     cfg = {"model": {"name": "m", "experts": {"a": "/a", "b": "/b"}, "use": None}, "method": {"name": "ties"}}
     subset = {**cfg, "model": {**cfg["model"], "use": ["a"]}}
     assert config_fingerprint(cfg) != config_fingerprint(subset)
+
+
+def test_a_failed_evaluation_keeps_the_merge_and_the_rerun_does_not_merge(tiny_conf, tmp_path):
+    """The evaluation fails after a merge: one error line says the merge cache holds it; the next run of the
+    same merge (here merge-only) reads tau_m from the cache and opens no expert."""
+    runs = tmp_path / "runs"
+    common = ["--config-dir", str(tiny_conf), "model=tiny_qwen2_vl", f"runs_dir={runs}", "logger=none",
+              "method=ties", "method.scaling=0.5"]  # fmt: skip
+    failed = run_py(*common, "suite=minibench", "evaluator.limit=1", "evaluator.backend=no_such_backend",
+                    f"hydra.run.dir={tmp_path / 'a'}")  # fmt: skip
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert failed.returncode == 2 and len(errors) == 1, failed.stderr[-3000:]
+    assert "no_such_backend" in errors[0] and "the merge is kept in the merge cache" in errors[0]
+    record = json.loads((tmp_path / "a" / RUN_FILE).read_text())
+    assert record["status"] == "failed" and not (tmp_path / "a" / RESULTS_FILE).exists()
+    first = json.loads((tmp_path / "a" / "merge_report.json").read_text())
+    assert first["cache"]["status"] == "stored"
+    again = run_py(*common, "suite=none", "evaluator=none", f"hydra.run.dir={tmp_path / 'b'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads((tmp_path / "b" / "merge_report.json").read_text())
+    assert report["cache"]["status"] == "hit" and report["cache"]["key"] == first["cache"]["key"]

@@ -407,27 +407,20 @@ def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
     A directory whose pid is alive on this machine is another writer's and is left alone (two writers of one
     run directory are kept apart by the per-point lock, not here).
     """
+    from .results import pid_alive
+
     removed = []
     parent = Path(out_dir).parent
     if not parent.is_dir():
         return removed
     for tmp in parent.glob(f".{Path(out_dir).name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(tmp)
     return removed
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _plan_shards(layout, max_shard_bytes):

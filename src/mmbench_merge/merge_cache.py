@@ -71,9 +71,9 @@ class CacheSettings:
 
 
 def default_dir(runs_dir: str | None = None) -> Path:
-    """$MMBENCH_CACHE, else <runs_dir>/merge_cache."""
+    """$MMBENCH_CACHE/merge_cache (beside the MiniBench builds, never among them), else <runs_dir>/merge_cache."""
     env = os.environ.get(ENV_DIR)
-    return Path(env) if env else Path(runs_dir or "runs") / "merge_cache"
+    return (Path(env) if env else Path(runs_dir or "runs")) / "merge_cache"
 
 
 # ------------------------------------------------------------------------------------------ the key
@@ -274,6 +274,8 @@ class MergeCache:
 
     def clear(self) -> tuple[int, int]:
         """Remove every entry not in use and dead writers' temporary directories: (entries removed, bytes)."""
+        from .results import pid_alive
+
         n, freed = 0, 0
         for row in self.entries():
             if self._try_remove(row["key"]):
@@ -282,19 +284,10 @@ class MergeCache:
         if self.root.is_dir():
             for item in self.root.iterdir():
                 match = _TMP.match(item.name)
-                if match and not _pid_alive(int(match.group(2))):
+                if match and not pid_alive(int(match.group(2))):
                     shutil.rmtree(item, ignore_errors=True)
         return n, freed
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def is_floating(st_dtype: str) -> bool:

@@ -173,10 +173,8 @@ def is_complete(run_dir: Path) -> bool:
     return (Path(run_dir) / RESULTS_FILE).is_file()
 
 
-def process_alive(host: str | None, pid: int | None) -> bool:
-    """Whether the process that wrote a record still runs; True when that cannot be told (another host)."""
-    if not pid or host != socket.gethostname():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists (temp dirs and records carry their writer's pid)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -184,6 +182,13 @@ def process_alive(host: str | None, pid: int | None) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def process_alive(host: str | None, pid: int | None) -> bool:
+    """Whether the process that wrote a record still runs; True when that cannot be told (another host)."""
+    if not pid or host != socket.gethostname():
+        return True
+    return pid_alive(pid)
 
 
 def effective_status(record: dict | None) -> str | None:

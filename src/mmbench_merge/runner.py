@@ -115,9 +115,11 @@ def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dic
     prepared = prepare_model(cfg, run_dir, device)
     try:
         rows = evaluate(cfg, prepared, device, run_dir=run_dir)
-    except BaseException:
-        keep_merge(cfg, prepared, run_dir)
-        raise
+    except Exception as exc:
+        # One line naming the evaluator and the cause, and where the merge survives (nothing is merged twice).
+        kept = merge_kept_at(cfg, prepared, run_dir)
+        what = str(exc).strip() if isinstance(exc, MergeError) else f"evaluator={cfg.evaluator.name} failed: {_one_line(exc)}"
+        raise MergeError(what + (f"; {kept}" if kept else "")) from exc
     summary = {"run_dir": str(run_dir), "run_id": record.run_id, "model": cfg.model.name,
                "method": cfg.method.name, "started_at": record.started_at, "status": "complete"}  # fmt: skip
     if prepared.report is not None:
@@ -222,6 +224,8 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
         keep_in_memory=keep_in_memory,
         shard_size_mb=cfg.shard_size_mb,
         progress=True,
+        cache=cfg.get("merge_cache"),  # tau_m per merge: scaling sweeps and reruns after a failure merge once
+        runs_dir=cfg.get("runs_dir"),
     )
     report = result.report.to_json()
     write_json_atomic(run_dir / MERGE_REPORT_FILE, report)
@@ -234,6 +238,20 @@ def prepare_model(cfg: DictConfig, run_dir: Path, device: str) -> PreparedModel:
     base_dir, files_dir = model_sources(cfg.model)
     return PreparedModel(model_dir=result.merged_dir, base_dir=base_dir, files_dir=files_dir,
                          state_dict=result.state_dict, report=report)  # fmt: skip
+
+
+def merge_kept_at(cfg: DictConfig, prepared: PreparedModel, run_dir: Path) -> str | None:
+    """After a failed evaluation: where the merge is kept, as the error line says it. The merge cache holds it when
+    it is on (a rerun reads tau_m back and merges nothing); else it is written to <run dir>/merged/."""
+    if prepared.report is None or cfg.model.family == "omni":
+        return None  # a reference row (nothing merged), or an omni adapter (save_merged=true writes it)
+    cache = prepared.report.get("cache") or {}
+    if cache.get("status") in ("hit", "stored"):
+        return f"the merge is kept in the merge cache ({cache['dir']}): a rerun evaluates it without merging again"
+    if prepared.model_dir is not None:
+        return f"the merged checkpoint is in {prepared.model_dir}"
+    kept = keep_merge(cfg, prepared, run_dir)
+    return f"the merged weights are kept in {kept}" if kept else None
 
 
 def keep_merge(cfg: DictConfig, prepared: PreparedModel, run_dir: Path) -> Path | None:
