@@ -105,7 +105,7 @@ def test_cfg_job_shows_each_methods_defaults(tmp_path):
                              "init": "sum", "momentum": 0.9}  # fmt: skip
     assert shown["optmerge"] == {"name": "optmerge", "scaling": None, "rank_fraction": None, "center": None,
                                  "init": None, "optimizer": None, "lr": None, "momentum": None,
-                                 "iters": 300, "projector": None}  # fmt: skip
+                                 "iters": 300, "projector": None, "solver": None}  # fmt: skip
     assert shown["ties"] == {"name": "ties", "scaling": 1.0, "density": 0.2, "trim_scope": None}
     assert shown["dare_ties"] == {"name": "dare_ties", "scaling": 1.0, "drop_rate": 0.2, "density": 0.2,
                                   "trim_scope": None}

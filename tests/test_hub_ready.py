@@ -92,7 +92,7 @@ def test_paper_suite_dataset_plan_needs_no_token_and_includes_gqa_images():
     assert gqa == [("lmms-lab-encoder/GQA", "testdev_balanced_instructions", "testdev"),
                    ("lmms-lab-encoder/GQA", "testdev_balanced_images", "testdev")]  # fmt: skip
     assert all("token" not in dict(n.kwargs) for n in needs)
-    ocr = next(n for n in needs if n.task == "mmb_ocrvqa_test")
+    ocr = next(n for n in needs if n.task == "mmb_ocrvqa_testcore")  # suite=paper scores the paper's subset
     assert "revision" not in dict(ocr.kwargs)  # unverified here: not pinned (docs/evaluation.md says how)
 
 

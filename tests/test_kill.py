@@ -45,7 +45,8 @@ def _tree(path: Path) -> dict[str, bytes]:
 def _kill_loop(tiny_conf, tmp_path, monkeypatch, iterations: int, seed: int) -> None:
     runs = tmp_path / "runs"
     ref_dir = runs / "reference"
-    overrides = ("model=tiny_internvl", "method=ties", "rerun=true", "shard_size_mb=0.02")  # several shards: kills land between them
+    # several shards: kills land between them; no merge cache, or every rerun would read tau_m back unslowed
+    overrides = ("model=tiny_internvl", "method=ties", "rerun=true", "shard_size_mb=0.02", "merge_cache.enabled=false")
     from mmbench_merge.checkpoints import SafetensorsCheckpoint
 
     reads = []

@@ -180,7 +180,7 @@ def test_concurrent_identical_jobs_merge_once(family, tmp_path):
 
 
 def test_command_line_lists_and_clears(family, tmp_path):
-    cache_dir = tmp_path / "cache"
+    cache_dir = tmp_path / "merge_cache"  # where `clear` looks with MMBENCH_CACHE=tmp_path
     key = _run(family, {"name": "ties", "density": 0.3}, cache_dir).report.cache["key"]
     (cache_dir / f".{key}.tmp-999999999").mkdir()  # a writer that died
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -188,7 +188,7 @@ def test_command_line_lists_and_clears(family, tmp_path):
     listed = subprocess.run([*cli, "list", "--dir", str(cache_dir)], env=env, capture_output=True, text=True,
                             check=True).stdout  # fmt: skip
     assert key[:16] in listed and "ties" in listed and "1 entries" in listed
-    cleared = subprocess.run([*cli, "clear"], env={**env, "MMBENCH_CACHE": str(cache_dir)}, capture_output=True,
+    cleared = subprocess.run([*cli, "clear"], env={**env, "MMBENCH_CACHE": str(tmp_path)}, capture_output=True,
                              text=True, check=True).stdout  # fmt: skip
     assert cleared.startswith("removed 1 entries")
     assert [p for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []

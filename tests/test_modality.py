@@ -134,14 +134,16 @@ def _independent(name: str, taus: list, scaling: float):
         return sum(t) / len(t)
     if name == "task_arithmetic":
         return scaling * sum(t)
-    if name == "ties":  # per key: top 20% magnitudes, elected sign of the sum, disjoint mean
+    if name == "ties":  # per key, the paper's count: keep |x| >= the int(0.8 n)-th smallest; sign of the sum
         trimmed = []
         for x in t:
-            k = int(0.2 * x.numel())
-            thr = x.abs().flatten().sort(descending=True).values[k - 1]
+            rank = int(x.numel() * (1 - 0.2))
+            thr = x.abs().flatten().sort().values[rank - 1]
             trimmed.append(torch.where(x.abs() >= thr, x, torch.zeros_like(x)))
         stack = torch.stack(trimmed)
         sign = torch.sign(stack.sum(0))
+        majority = torch.sign((sign > 0).sum() - (sign < 0).sum())  # an exact-zero sum takes the majority sign
+        sign = torch.where(sign == 0, majority.to(sign.dtype), sign)
         agree = (torch.sign(stack) == sign) & (stack != 0)
         return scaling * (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
     if name == "iso_c":
@@ -182,7 +184,7 @@ def test_optmerge_modality_preset_is_the_papers_wudi2(omni):
     _, kwargs, scaling = resolve_method(mcfg, "modality")
     assert scaling == 1.0
     assert kwargs == {"rank_fraction": 0.2, "center": False, "init": "mean", "optimizer": "sgd", "lr": 5e-2,
-                      "momentum": 0.9, "iters": 300, "projector": "full"}  # fmt: skip
+                      "momentum": 0.9, "iters": 300, "projector": "full", "solver": "loop"}  # fmt: skip
     merge = merge_omni(model_cfg(omni, experts=omni["experts"]), mcfg)
     cks = experts(omni)
     for key in ("model.layers.0.self_attn.q_proj.lora_A.default.weight", "model.layers.1.mlp.down_proj.lora_B.default.weight"):

@@ -56,12 +56,18 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict:
     (a relaunch into the same sweep directory) nothing is touched; elsewhere (the sweep directory, runs_dir) the
     job records where they are. One lock per resolved config makes two launches compute a point once.
     """
+    from . import preflight
     from .loggers import check_logger
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     check_logger(cfg)
     record = RunRecord.create(cfg)
+    try:
+        preflight.check(cfg)  # every check that needs no tensor data (runs_dir included), before anything else
+    except MergeError as exc:
+        record.finish(run_dir, "failed", time.perf_counter() - t0, error=str(exc))
+        raise
     rerun = bool(cfg.get("rerun", False))
     if not rerun and completed_here(run_dir, record.fingerprint):
         return finished_here(run_dir, record)
@@ -105,10 +111,7 @@ def point_lock(runs_root: Path, fingerprint: str):
 
 def execute(cfg: DictConfig, run_dir: Path, record: RunRecord, t0: float) -> dict:
     """Merge (or pick the reference model), evaluate, record, log."""
-    from . import preflight
     from .engine import resolve_device
-
-    preflight.check(cfg)  # every check that needs no tensor data, before any checkpoint is read
 
     device = resolve_device(cfg.device)
     check_evaluator(cfg, device)

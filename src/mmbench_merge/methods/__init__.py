@@ -51,8 +51,10 @@ def get_method(name: str) -> Callable:
 # TIES' trim scope is the paper's per script: the InternVL script (full fine-tunes) trims over the whole model,
 # the Qwen2-VL script (LoRA experts) per tensor.
 PRESETS: dict[str, dict[str, dict]] = {
-    "ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"}},
-    "dare_ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"}},
+    # Modality merging trims per key: its merge streams the LoRA factors key by key (docs/modality.md).
+    "ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"}, "modality": {"trim_scope": "tensor"}},
+    "dare_ties": {"full": {"trim_scope": "model"}, "lora": {"trim_scope": "tensor"},
+                  "modality": {"trim_scope": "tensor"}},
     "optmerge": {
         "full": {"center": True, "init": "sum", "optimizer": "adam", "lr": 1e-5, "scaling": 0.1, "solver": "loop"},
         "lora": {
