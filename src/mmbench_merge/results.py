@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS_FILE = "results.jsonl"
+# Methods that evaluate a model unchanged (reference rows: no merge, no scaling); everything else is a merge.
+REFERENCE_METHODS = frozenset({"base", "expert"})
 MERGE_REPORT_FILE = "merge_report.json"
 
 ROW_FIELDS = (
@@ -287,7 +289,7 @@ def format_summary(record: RunRecord, rows: list[dict], summary: dict, resolved:
     each score and the averages."""
     fields = {**record.row_fields(), **(resolved or {})}
     params = ", ".join(f"{k}={v}" for k, v in fields["params"].items())
-    reference = fields["method"] in ("base", "expert")  # evaluated unchanged: no scaling applies
+    reference = fields["method"] in REFERENCE_METHODS  # evaluated unchanged: no scaling applies
     scaling = f"scaling={fields['scaling']}" if fields["scaling"] is not None and not reference else ""
     what = ", ".join(p for p in (scaling, params) if p)
     lines = [f"== {fields['model']} / {fields['method']}" + (f" ({what})" if what else "")

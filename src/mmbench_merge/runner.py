@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import MergeError
 from .results import (
     MERGE_REPORT_FILE,
+    REFERENCE_METHODS,
     RESULTS_FILE,
     RunRecord,
     completed_here,
@@ -35,7 +36,6 @@ from .results import (
 
 log = logging.getLogger("mmbench_merge")
 
-REFERENCE_METHODS = {"base", "expert"}
 
 
 @dataclass

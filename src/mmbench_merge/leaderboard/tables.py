@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from ..results import RecordedRun
+from ..results import REFERENCE_METHODS, RecordedRun
 from .paper import has_paper, paper_column, paper_entry
 
 REFERENCE_ORDER = ("vqa", "geometry", "chart", "ocr", "grounding", "vision", "audio", "video")
@@ -51,7 +51,7 @@ class Entry:
 
     @property
     def is_reference(self) -> bool:
-        return self.method in ("base", "expert")
+        return self.method in REFERENCE_METHODS
 
     @property
     def label(self) -> str:

@@ -15,11 +15,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..results import ROW_FIELDS
+from ..results import REFERENCE_METHODS, ROW_FIELDS
 
 log = logging.getLogger("mmbench_merge")
 
-REFERENCE_METHODS = {"base", "expert"}
 
 
 def mode_of(logger_cfg) -> str:
