@@ -476,7 +476,7 @@ def merge_model(
 def _merge(model_cfg, method, base, expert_paths, experts, fn, kwargs, scaling, selection, seed, device, out_dir,
            keep_in_memory, shard_size_mb, progress, entry) -> MergeResult:  # fmt: skip
     """One merge pass over the base's tensors: computed (filling `entry` of the merge cache) or from a hit."""
-    from .checkpoints import ShardedWriter, iter_layout
+    from .checkpoints import iter_layout
 
     files_from = files_source(model_cfg, base.path, expert_paths)
     kinds = entry.meta.get("expert_kinds", {}) if entry is not None and entry.hit else {e.key: e.kind for e in experts}
@@ -492,12 +492,8 @@ def _merge(model_cfg, method, base, expert_paths, experts, fn, kwargs, scaling, 
             log.info("merge cache: tau_m of this merge is larger than merge_cache.max_size_gb; not stored")
     writer, check = None, None
     if out_dir:
-        if writes_native(model_cfg):
-            from .internvl_chat import NativeWriter  # original names merged, native names written
-
-            writer = NativeWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20))
-        else:
-            writer = ShardedWriter(out_dir, list(iter_layout(base)), int(shard_size_mb * 2**20))
+        writer = merged_writer(model_cfg, out_dir, list(iter_layout(base)), shard_size_mb)
+        if not writes_native(model_cfg):  # the native writer translates names and files itself
             check = lambda path: verify_checkpoint(path, base)  # noqa: E731
     state_dict = {} if keep_in_memory else None
     started = time.perf_counter()
@@ -557,6 +553,18 @@ def writes_native(model_cfg) -> bool:
     if fmt not in MERGED_FORMATS:
         raise MergeError(f"model.merged_format: {fmt!r} is not one of {', '.join(MERGED_FORMATS)}")
     return model_cfg.family == "internvl_chat" and fmt == "native"
+
+
+def merged_writer(model_cfg, out_dir: Path, layout: list, shard_size_mb: float):
+    """The writer of a merged checkpoint: InternVL's original names written in the native layout when asked
+    (merged_format: native), else the base's own layout."""
+    from .checkpoints import ShardedWriter
+
+    if writes_native(model_cfg):
+        from .internvl_chat import NativeWriter  # original names merged, native names written
+
+        return NativeWriter(out_dir, layout, int(shard_size_mb * 2**20))
+    return ShardedWriter(out_dir, layout, int(shard_size_mb * 2**20))
 
 
 def drop_stale_chat_template(merged_dir: Path, files_from: Path) -> None:

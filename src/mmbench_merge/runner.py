@@ -260,19 +260,14 @@ def merge_kept_at(cfg: DictConfig, prepared: PreparedModel, run_dir: Path) -> st
 def keep_merge(cfg: DictConfig, prepared: PreparedModel, run_dir: Path) -> Path | None:
     """An evaluation that failed before it took the merged weights (e.g. the backend could not load the model):
     write them to <run dir>/merged/ (the layout save_merged would give) instead of losing the merge."""
-    from .checkpoints import ShardedWriter, _safetensors_dtype
-    from .engine import drop_stale_chat_template, writes_native
+    from .checkpoints import _safetensors_dtype
+    from .engine import drop_stale_chat_template, merged_writer, writes_native
 
     state = prepared.state_dict
     if not state or (run_dir / "merged").exists():
         return None
     layout = [(name, _safetensors_dtype(t), tuple(t.shape)) for name, t in state.items()]
-    if writes_native(cfg.model):
-        from .internvl_chat import NativeWriter
-
-        writer = NativeWriter(run_dir / "merged", layout, int(cfg.shard_size_mb * 2**20))
-    else:
-        writer = ShardedWriter(run_dir / "merged", layout, int(cfg.shard_size_mb * 2**20))
+    writer = merged_writer(cfg.model, run_dir / "merged", layout, cfg.shard_size_mb)
     try:
         for name, tensor in state.items():
             writer.write(name, tensor)
@@ -284,8 +279,7 @@ def keep_merge(cfg: DictConfig, prepared: PreparedModel, run_dir: Path) -> Path 
         writer.abort()
         log.error("the merged weights could not be kept (%s: %s)", type(exc).__name__, exc)
         return None
-    log.error("evaluation failed; the merged weights are kept in %s", out)
-    return out
+    return out  # the run's error line says where (merge_kept_at)
 
 
 def needs_checkpoint(cfg: DictConfig) -> bool:
